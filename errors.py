@@ -22,7 +22,11 @@ def exit_on_user_error(main):
         try:
             return main(*args, **kwargs)
         except UserError as err:
+            message = str(err)
+            if "Original Traceback" in message:
+                # raised in a DataLoader worker, which wraps it in the worker's traceback: keep the sentence
+                message = message.strip().splitlines()[-1].split("UserError: ", 1)[-1]
             prog = sys.argv[0].rsplit("/", 1)[-1] if sys.argv and sys.argv[0] else "error"
-            print(f"{prog}: error: {err}", file=sys.stderr)
+            print(f"{prog}: error: {message}", file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)
     return wrapper

@@ -1,0 +1,395 @@
+"""Fundus photographs and their grades: dataset layouts, the uint8 input pipeline, samplers.
+
+Workers do what must happen per file (decode, resize, crop) and hand over uint8 CHW tensors; every
+random augmentation and the normalisation run batched on the training device (`BatchTransform`),
+where they cost almost nothing, instead of per image on the CPU, which feeds the GPU.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from errors import UserError
+
+NUM_GRADES = 5
+GRADE_NAMES = ("No DR", "Mild", "Moderate", "Severe", "Proliferative")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+LAB_FILES = ("train_img.csv", "train_label.csv", "test_img.csv", "test_label.csv")
+# Labels tables with a header: Kaggle EyePACS trainLabels.csv and APTOS 2019 train.csv.
+LABEL_TABLES = {"trainLabels.csv": ("image", "level"), "train.csv": ("id_code", "diagnosis")}
+DEFAULT_DATA_ROOT = Path("data")
+DEMO_ROOT = DEFAULT_DATA_ROOT / "demo"
+
+
+# --------------------------------------------------------------------------- tables of images
+@dataclass
+class FundusTable:
+    """One split: image paths and grades in CSV order. Numpy string arrays, not Python lists: forked
+    workers then share the pages instead of copying them as reference counts change."""
+
+    paths: np.ndarray
+    grades: np.ndarray
+    source: str  # the CSV it came from, for error messages
+
+    def __len__(self) -> int:
+        return len(self.grades)
+
+    def subset(self, index: np.ndarray, source: str) -> "FundusTable":
+        return FundusTable(self.paths[index], self.grades[index], source)
+
+    @property
+    def names(self) -> list[str]:
+        return [Path(p).stem for p in self.paths]
+
+
+@dataclass
+class FundusData:
+    """Where the data came from and its splits (val is None unless --val-fraction is set)."""
+
+    layout: str  # "lab", "labels-table" or "demo"
+    root: Path
+    image_dir: Path
+    train: FundusTable
+    test: FundusTable
+    val: FundusTable | None = None
+
+    def image_size(self) -> int:
+        """The longer side of the first training image (the demo set trains at its own size)."""
+        with Image.open(self.train.paths[0]) as img:
+            return max(img.size)
+
+
+def read_column(path: Path) -> list[str]:
+    """One value per line, no header row: pandas' default header would drop the first image."""
+    if not path.is_file():
+        raise UserError(f"{path} is missing")
+    try:
+        frame = pd.read_csv(path, header=None, dtype=str, keep_default_na=False, skip_blank_lines=True)
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{path} is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is not a one-column CSV ({err})") from None
+    if frame.shape[1] != 1:
+        raise UserError(f"{path} has {frame.shape[1]} columns on some line; the lab layout holds one value per line")
+    return [v.strip() for v in frame[0].tolist()]
+
+
+def parse_grades(values, source: str, first_row: int = 1) -> np.ndarray:
+    """Integers 0-4, or one sentence naming the file, the row and the value."""
+    grades = np.empty(len(values), dtype=np.int64)
+    for i, value in enumerate(values):
+        text = str(value).strip()
+        if re.fullmatch(r"[+-]?\d+(\.0*)?", text) is None or not 0 <= int(float(text)) < NUM_GRADES:
+            raise UserError(f"{source} row {i + first_row}: grade '{value}' is not an integer 0-4")
+        grades[i] = int(float(text))
+    return grades
+
+
+def index_images(image_dir: Path) -> dict[str, str]:
+    """File names by stem and by full name, in one directory listing (no stat per image)."""
+    if not image_dir.is_dir():
+        raise UserError(f"image folder {image_dir} does not exist; pass --image-dir")
+    found: dict[str, str] = {}
+    with os.scandir(image_dir) as entries:
+        for entry in entries:
+            stem, ext = os.path.splitext(entry.name)
+            if ext.lower() in IMAGE_EXTENSIONS:
+                found[entry.name] = entry.path
+                rank = IMAGE_EXTENSIONS.index(ext.lower())
+                previous = found.get(stem)
+                if previous is None or IMAGE_EXTENSIONS.index(os.path.splitext(previous)[1].lower()) > rank:
+                    found[stem] = entry.path
+    return found
+
+
+def resolve_paths(names: list[str], images: dict[str, str], image_dir: Path, source: str) -> np.ndarray:
+    missing = [n for n in names if n not in images]
+    if missing:
+        shown = ", ".join(missing[:5])
+        raise UserError(f"{len(missing)} of {len(names)} images listed in {source} are missing from {image_dir} "
+                        f"(first: {shown}); expected <name>.jpeg, .jpg or .png there")
+    return np.array([images[n] for n in names])
+
+
+def read_lab_split(root: Path, split: str, images: dict[str, str], image_dir: Path) -> FundusTable:
+    img_csv, label_csv = root / f"{split}_img.csv", root / f"{split}_label.csv"
+    names, labels = read_column(img_csv), read_column(label_csv)
+    if len(names) != len(labels):
+        raise UserError(f"{img_csv} lists {len(names)} images but {label_csv} lists {len(labels)} grades; "
+                        "the two files must have one line per image, in the same order")
+    grades = parse_grades(labels, str(label_csv))
+    return FundusTable(resolve_paths(names, images, image_dir, str(img_csv)), grades, str(img_csv))
+
+
+def read_labels_table(path: Path) -> pd.DataFrame:
+    """A Kaggle/APTOS labels table as columns `name`, `grade` (validated)."""
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is not a readable CSV ({err})") from None
+    for name_col, grade_col in LABEL_TABLES.values():
+        if {name_col, grade_col} <= set(frame.columns):
+            grades = parse_grades(frame[grade_col].tolist(), str(path), first_row=2)
+            return pd.DataFrame({"name": frame[name_col].str.strip(), "grade": grades})
+    expected = " or ".join(f"'{a},{b}'" for a, b in LABEL_TABLES.values())
+    raise UserError(f"{path} has columns {list(frame.columns)}; expected a header {expected}")
+
+
+def patient_id(name: str) -> str:
+    """EyePACS names both eyes `<patient>_left` / `<patient>_right`; other names are their own patient."""
+    return re.sub(r"_(left|right)$", "", Path(name).stem, flags=re.IGNORECASE)
+
+
+def patient_split(names, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (kept, held out), each in the original order; no patient on both sides; same on every run."""
+    from sklearn.model_selection import GroupShuffleSplit
+
+    if not 0 < fraction < 1:
+        raise UserError(f"split fraction {fraction} must lie between 0 and 1")
+    groups = [patient_id(n) for n in names]
+    if len(set(groups)) < 2:
+        raise UserError("a patient-grouped split needs at least two patients")
+    splitter = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+    kept, held_out = next(splitter.split(np.zeros(len(groups)), groups=groups))
+    return np.sort(kept), np.sort(held_out)
+
+
+def find_labels_table(root: Path) -> Path | None:
+    for name in LABEL_TABLES:
+        if (root / name).is_file():
+            return root / name
+    return None
+
+
+def holds_dataset(root: Path) -> bool:
+    return (root / LAB_FILES[0]).is_file() or find_labels_table(root) is not None
+
+
+def default_image_dir(root: Path) -> Path:
+    return root / "images" if (root / "images").is_dir() else root
+
+
+def load_fundus_data(data_root: str | os.PathLike | None = None, image_dir: str | os.PathLike | None = None,
+                     test_fraction: float = 0.2, val_fraction: float = 0.0, split_seed: int = 0,
+                     log=print) -> FundusData:
+    """The dataset under data_root, split into train/test(/val) and checked before any training.
+
+    data_root None means `data/`, or the synthetic demo set when data/ holds none; a root the user
+    named that holds no dataset is an error, never a silent switch to the demo.
+    """
+    layout = None
+    if data_root is None:
+        root = DEFAULT_DATA_ROOT
+        if not holds_dataset(root):
+            import synthetic
+
+            if synthetic.ensure_demo(DEMO_ROOT):
+                log(f"{root}/ holds no dataset: generated the synthetic demo set in {DEMO_ROOT}/")
+            else:
+                log(f"{root}/ holds no dataset: using the synthetic demo set in {DEMO_ROOT}/")
+            root, layout = DEMO_ROOT, "demo"
+    else:
+        root = Path(data_root)
+        if not root.is_dir():
+            raise UserError(f"--data-root {root} does not exist")
+        if not holds_dataset(root):
+            raise UserError(f"--data-root {root} holds no dataset: expected the lab's train_img.csv, "
+                            f"train_label.csv, test_img.csv, test_label.csv, or {' or '.join(LABEL_TABLES)}")
+    image_dir = Path(image_dir) if image_dir is not None else default_image_dir(root)
+    images = index_images(image_dir)
+    table = find_labels_table(root)
+    if (root / LAB_FILES[0]).is_file():
+        train = read_lab_split(root, "train", images, image_dir)
+        test = read_lab_split(root, "test", images, image_dir)
+        layout = layout or "lab"
+    else:
+        frame = read_labels_table(table)
+        full = FundusTable(resolve_paths(frame["name"].tolist(), images, image_dir, str(table)),
+                           frame["grade"].to_numpy(), str(table))
+        kept, held_out = patient_split(frame["name"].tolist(), test_fraction, split_seed)
+        train, test = full.subset(kept, f"{table} (train part)"), full.subset(held_out, f"{table} (test part)")
+        layout = "labels-table"
+    val = None
+    if val_fraction:
+        kept, held_out = patient_split(train.names, val_fraction, split_seed)
+        train, val = train.subset(kept, train.source), train.subset(held_out, f"{train.source} (validation part)")
+    return FundusData(layout, root, image_dir, train, test, val)
+
+
+def class_counts(grades: np.ndarray) -> np.ndarray:
+    return np.bincount(np.asarray(grades), minlength=NUM_GRADES)
+
+
+# --------------------------------------------------------------------------- decoding in workers
+def load_square(path: str, size: int) -> Image.Image:
+    """Decode as RGB and bring to size x size without distorting the round eye: centre-crop the longer
+    side (a raw photo's black margins), then resize. JPEGs decode straight at a reduced scale when the
+    file is at least twice the target (`draft`: the DCT does the downscaling, several times faster)."""
+    with Image.open(path) as img:
+        if img.format == "JPEG":
+            img.draft("RGB", (size, size))
+        img = img.convert("RGB")
+    w, h = img.size
+    if w != h:
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        img = img.crop((left, top, left + side, top + side))
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BILINEAR, reducing_gap=2.0)
+    return img
+
+
+def to_uint8_chw(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy())
+
+
+class FundusDataset(Dataset):
+    """uint8 CHW images and integer grades. Holds names and grades only, never decoded pixels."""
+
+    def __init__(self, table: FundusTable, image_size: int, skip_bad_images: bool = False):
+        self.table = table
+        self.image_size = image_size
+        self.skip_bad_images = skip_bad_images
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path = str(self.table.paths[index])
+        try:
+            img = load_square(path, self.image_size)
+        except (OSError, UnidentifiedImageError, ValueError) as err:
+            where = f"{path} (row {index + 1} of {self.table.source})"
+            if not self.skip_bad_images:
+                raise UserError(f"cannot decode {where}: {err}; fix or remove it, or pass --skip-bad-images") from None
+            warnings.warn(f"skipped unreadable image {where}: {err}", stacklevel=1)
+            # grade -1 marks the slot; the training loop drops it and counts it
+            return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), -1
+        return to_uint8_chw(img), int(self.table.grades[index])
+
+
+# --------------------------------------------------------------------------- samplers and loaders
+class BalancedSampler(Sampler[int]):
+    """Draws each grade equally often (with replacement), split across ranks like DistributedSampler,
+    with set_epoch so every epoch, and a resumed one, draws the same as an uninterrupted run."""
+
+    def __init__(self, grades: np.ndarray, num_replicas: int = 1, rank: int = 0, seed: int = 0):
+        counts = class_counts(grades)
+        self.weights = torch.as_tensor(1.0 / counts[grades], dtype=torch.double)
+        self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
+        self.num_samples = math.ceil(len(grades) / num_replicas)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        drawn = torch.multinomial(self.weights, self.num_samples * self.num_replicas, replacement=True, generator=g)
+        return iter(drawn[self.rank::self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class ShardSampler(Sampler[int]):
+    """Evaluation shard of one rank: every image exactly once over all ranks (no padding duplicates)."""
+
+    def __init__(self, length: int, num_replicas: int = 1, rank: int = 0):
+        self.indices = range(rank, length, num_replicas)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def train_sampler(grades: np.ndarray, kind: str, num_replicas: int, rank: int, seed: int) -> Sampler:
+    if kind == "balanced":
+        return BalancedSampler(grades, num_replicas, rank, seed)
+    if kind == "shuffle":
+        # num_replicas/rank given explicitly, so one process needs no process group
+        return DistributedSampler(range(len(grades)), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+    raise UserError(f"--sampler {kind}: choose shuffle or balanced")
+
+
+def default_workers(local_world_size: int = 1) -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(16, cpus // local_world_size))
+
+
+def build_loader(dataset: Dataset, batch_size: int, sampler: Sampler, workers: int,
+                 device: torch.device, drop_last: bool = False) -> DataLoader:
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+        pin_memory=device.type == "cuda", drop_last=drop_last,
+        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+    )
+
+
+# --------------------------------------------------------------------------- on the device
+class BatchTransform:
+    """uint8 NCHW batch on the device -> normalised float batch, with the random augmentation
+    for training. Fundus photographs have no up or down, so flips and any rotation are valid for
+    every grade (the lab's loader flipped only diseased eyes, which lets the model read the grade
+    off the orientation)."""
+
+    def __init__(self, device: torch.device, augment: bool, channels_last: bool = False,
+                 max_scale: float = 0.1, brightness: float = 0.2, contrast: float = 0.2):
+        self.augment = augment
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+        self.max_scale, self.brightness, self.contrast = max_scale, brightness, contrast
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        x = images.float()
+        if self.augment:
+            x = self.random_geometry(x, generator)
+            x = self.random_colour(x, generator)
+        x = (x - self.mean) / self.std
+        return x.contiguous(memory_format=self.memory_format)
+
+    def random_geometry(self, x: torch.Tensor, generator) -> torch.Tensor:
+        """Rotation by any angle, flips and a small zoom in one resampling (affine grid)."""
+        n = x.shape[0]
+        rand = torch.rand(n, 4, device=x.device, generator=generator)
+        angle = rand[:, 0] * 2 * math.pi
+        scale = 1 + (rand[:, 1] * 2 - 1) * self.max_scale
+        flips = torch.where(rand[:, 2:] < 0.5, -1.0, 1.0)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        rotation = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
+        linear = rotation @ torch.diag_embed(flips) / scale.view(n, 1, 1)
+        theta = torch.cat([linear, torch.zeros(n, 2, 1, device=x.device)], dim=2)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    def random_colour(self, x: torch.Tensor, generator) -> torch.Tensor:
+        n = x.shape[0]
+        rand = torch.rand(n, 2, 1, 1, 1, device=x.device, generator=generator) * 2 - 1
+        gain = 1 + rand[:, 0] * self.brightness
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * (1 + rand[:, 1] * self.contrast) + mean
+        return (x * gain).clamp_(0, 255)
+
+
+def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 flips and quarter turns of a batch, for test-time augmentation."""
+    views = []
+    for k in range(4):
+        r = torch.rot90(x, k, dims=(2, 3))
+        views += [r, torch.flip(r, dims=(3,))]
+    return views
