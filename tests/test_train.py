@@ -1,0 +1,204 @@
+"""train.py on tiny generated data, on the CPU: outputs, exact resume, signals, DDP, bad flags."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+import torchvision
+
+import dataloader
+import train
+
+LOG_KEYS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "test_kappa", "lr", "seconds",
+            "images_per_s"]
+
+
+def base_args(root, out, *extra):
+    return ["--data-root", str(root), "--image-size", "32", "--batch-size", "8", "--workers", "0",
+            "--checkpoint-dir", str(out / "checkpoints"), "--log-dir", str(out / "logs"), "--quiet", *extra]
+
+
+def weights(path):
+    return train.load_checkpoint(path)["model"]
+
+
+def test_short_run_writes_checkpoints_and_logs(tiny_demo, tmp_path):
+    train.main(base_args(tiny_demo, tmp_path, "--epochs", "2"))
+    run_dir = tmp_path / "checkpoints" / "resnet18_scratch"
+    last = torch.load(run_dir / "last.pt", weights_only=True)
+    best = torch.load(run_dir / "best.pt", weights_only=True)
+    for key in ["model", "arch", "num_classes", "image_size", "epoch", "best_metric", "config", "optimizer",
+                "scheduler", "scaler", "rng", "history"]:
+        assert key in last, key
+    assert last["arch"] == "resnet18" and last["num_classes"] == 5 and last["image_size"] == 32
+    assert last["epoch"] == 2 and len(last["history"]) == 2
+    assert best["epoch"] == last["best_epoch"]
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in last["model"])
+    assert isinstance(last["config"], dict) and last["config"]["model"] == "resnet18"
+
+    log = pd.read_csv(tmp_path / "logs" / "resnet18_scratch.csv")
+    assert list(log.columns) == LOG_KEYS
+    assert log["epoch"].tolist() == [1, 2]
+    for col in ["train_acc", "test_acc"]:
+        assert log[col].between(0, 1).all()
+    assert (log["train_loss"] > 0).all() and (log["images_per_s"] > 0).all() and (log["seconds"] > 0).all()
+    # the cosine schedule ends at 0 after the last step
+    assert log["lr"].iloc[0] > log["lr"].iloc[1] >= 0
+
+    summary = json.loads((tmp_path / "logs" / "resnet18_scratch.json").read_text())
+    assert summary["arch"] == "resnet18" and summary["pretrained"] is False
+    assert summary["best_epoch"] == best["epoch"]
+    assert summary["best_metric"] == pytest.approx(log["test_acc"].max())
+    assert summary["environment"]["torch"] == torch.__version__
+    assert summary["config"]["epochs"] == 2
+
+
+def test_checkpoint_loads_into_torchvision_strict(tiny_demo, tmp_path):
+    train.main(base_args(tiny_demo, tmp_path, "--model", "resnet34", "--epochs", "1"))
+    state = weights(tmp_path / "checkpoints" / "resnet34_scratch" / "last.pt")
+    torchvision.models.resnet34(num_classes=5).load_state_dict(state, strict=True)
+
+
+def sigterm_at_train_batch(monkeypatch, batch_number):
+    """Send SIGTERM to this process while the training transform handles batch `batch_number` (1-based)."""
+    calls = {"n": 0}
+    original = dataloader.BatchTransform.__call__
+
+    def call(self, images, generator=None):
+        if self.augment:
+            calls["n"] += 1
+            if calls["n"] == batch_number:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, images, generator)
+
+    monkeypatch.setattr(dataloader.BatchTransform, "__call__", call)
+
+
+def test_interrupted_run_resumes_to_identical_weights(tiny_demo, tmp_path, monkeypatch, capsys):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    train.main(base_args(tiny_demo, whole, "--epochs", "3"))
+
+    with monkeypatch.context() as m:
+        sigterm_at_train_batch(m, 6 + 2)  # 48 images / batch 8 = 6 batches: epoch 2, batch 2
+        with pytest.raises(SystemExit) as stopped:
+            train.main(base_args(tiny_demo, parts, "--epochs", "3"))
+    assert stopped.value.code == 128 + signal.SIGTERM
+    out = capsys.readouterr().out
+    assert "stopped during epoch 2 (batch 2 of 6)" in out and "--resume" in out
+    last = parts / "checkpoints" / "resnet18_scratch" / "last.pt"
+    assert train.load_checkpoint(last)["epoch"] == 1
+    assert len(pd.read_csv(parts / "logs" / "resnet18_scratch.csv")) == 1
+
+    train.main(["--resume", str(last), "--quiet"])
+    resumed, reference = weights(last), weights(whole / "checkpoints" / "resnet18_scratch" / "last.pt")
+    assert resumed.keys() == reference.keys()
+    for key in reference:
+        assert torch.equal(resumed[key], reference[key]), key
+    a = pd.read_csv(parts / "logs" / "resnet18_scratch.csv")
+    b = pd.read_csv(whole / "logs" / "resnet18_scratch.csv")
+    pd.testing.assert_frame_equal(a.drop(columns=["seconds", "images_per_s"]),
+                                  b.drop(columns=["seconds", "images_per_s"]))
+
+
+def test_sigterm_to_a_real_process_leaves_a_resumable_checkpoint(tiny_demo, tmp_path, repo_root):
+    cmd = [sys.executable, "train.py", *base_args(tiny_demo, tmp_path, "--epochs", "30")]
+    proc = subprocess.Popen(cmd, cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = tmp_path / "checkpoints" / "resnet18_scratch" / "last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert last.exists(), proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "resume with: python train.py --resume" in out
+    epoch = train.load_checkpoint(last)["epoch"]
+    assert epoch >= 1
+    train.main(["--resume", str(last), "--epochs", str(epoch + 1), "--quiet"])
+    assert train.load_checkpoint(last)["epoch"] == epoch + 1
+
+
+def test_non_finite_loss_stops_with_epoch_and_batch(tiny_demo, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        train.main(base_args(tiny_demo, tmp_path, "--epochs", "2", "--lr", "1e30", "--warmup-epochs", "0"))
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err
+    assert "non-finite in epoch 1, batch" in err and "--lr" in err
+
+
+def test_torchrun_two_processes_gloo(tiny_demo, tmp_path, repo_root):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+           *base_args(tiny_demo, tmp_path, "--epochs", "2", "--device", "cpu")]
+    result = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("epoch   2/2") == 1  # only rank 0 prints
+    checkpoint = train.load_checkpoint(tmp_path / "checkpoints" / "resnet18_scratch" / "last.pt")
+    assert checkpoint["config"]["model"] == "resnet18"
+    torchvision.models.resnet18(num_classes=5).load_state_dict(checkpoint["model"], strict=True)
+    summary = json.loads((tmp_path / "logs" / "resnet18_scratch.json").read_text())
+    assert summary["environment"]["world_size"] == 2
+    # every test image counted once over both ranks: accuracy is a multiple of 1/16
+    for acc in pd.read_csv(tmp_path / "logs" / "resnet18_scratch.csv")["test_acc"]:
+        assert abs(acc * 16 - round(acc * 16)) < 1e-6
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--model", "resnet19"], "argument --model: invalid choice: 'resnet19'"),
+    (["--epochs", "-3"], "--epochs must be at least 1"),
+    (["--resume", "nowhere/last.pt"], "--resume nowhere/last.pt: no such file"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--val-fraction", "1.5"], "--val-fraction must lie in [0, 1)"),
+])
+def test_bad_flags_exit_2_with_one_line(flags, expected, tiny_demo, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(base_args(tiny_demo, tmp_path, *flags))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and len(err.splitlines()) == 1, err
+
+
+def test_pretrained_without_reachable_weights(tiny_demo, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(base_args(tiny_demo, tmp_path, "--pretrained", "--epochs", "1"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "resnet18-f37072fd.pth" in err and str(tmp_path / "torch") in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_pretrained_from_cache_starts_from_those_weights(tiny_demo, tmp_path, monkeypatch):
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    reference = torchvision.models.resnet18()
+    torch.save(reference.state_dict(), cache / "resnet18-f37072fd.pth")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    # one epoch at a learning rate of ~0 keeps the convolutions at their ImageNet values
+    train.main(base_args(tiny_demo, tmp_path, "--pretrained", "--epochs", "1", "--lr", "1e-12"))
+    checkpoint = train.load_checkpoint(tmp_path / "checkpoints" / "resnet18_pretrained" / "last.pt")
+    assert torch.allclose(checkpoint["model"]["conv1.weight"], reference.conv1.weight, atol=1e-9)
+    assert checkpoint["pretrained_source"] == str(cache / "resnet18-f37072fd.pth")
+
+
+def test_resume_refuses_changed_flags(tiny_demo, tmp_path, capsys):
+    train.main(base_args(tiny_demo, tmp_path, "--epochs", "1"))
+    last = tmp_path / "checkpoints" / "resnet18_scratch" / "last.pt"
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--resume", str(last), "--lr", "0.5"])
+    assert exit_info.value.code == 2
+    assert "--lr differs from the checkpoint's (0.001)" in capsys.readouterr().err
+
+
+def test_named_data_root_without_dataset_is_an_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--data-root", str(tmp_path / "empty"), "--epochs", "1"])
+    assert exit_info.value.code == 2
+    assert f"--data-root {tmp_path / 'empty'} holds no dataset" in capsys.readouterr().err
