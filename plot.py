@@ -1,0 +1,370 @@
+"""Figures and a summary table from the training and evaluation logs.
+
+    python plot.py [LOGDIR] [--out DIR]
+
+reads LOGDIR/<run>.csv + <run>.json (train.py) and LOGDIR/*_eval.json (evaluate.py), and writes into
+DIR, per architecture, the lab's accuracy comparison, loss and kappa curves; one confusion matrix per
+evaluation; and summary.md, the results table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # training machines have no display; must come before pyplot
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from errors import UserError, exit_on_user_error  # noqa: E402
+
+GRADE_NAMES = ["No DR", "Mild", "Moderate", "Severe", "Proliferative"]
+CSV_COLUMNS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "test_kappa", "images_per_s"]
+ARCH_ORDER = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+DPI = 150
+RC = {"font.size": 11, "axes.titlesize": 13, "axes.labelsize": 12, "legend.fontsize": 10}
+# (split, pretrained) -> colour, line style, marker. The lab's figure marks the w/o-pretraining lines;
+# colours differ too, so every line stays apart even in greyscale print or with markers thinned out.
+LINE_STYLE = {
+    ("train", True): ("tab:blue", "-", None), ("test", True): ("tab:orange", "-", None),
+    ("val", True): ("tab:purple", ":", None), ("train", False): ("tab:green", "-", "o"),
+    ("test", False): ("tab:red", "-", "s"), ("val", False): ("tab:brown", ":", "^"),
+}
+VAL_FOOTNOTE = ("Runs marked * held out a validation split: their best epoch is the one with the best "
+                "validation accuracy, and the test accuracy shown is the one at that epoch.")
+
+
+def display_name(arch: str) -> str:
+    return "ResNet" + arch[len("resnet"):] if arch.lower().startswith("resnet") else arch
+
+
+def _arch_order(arch: str):
+    return (ARCH_ORDER.index(arch) if arch in ARCH_ORDER else len(ARCH_ORDER), arch)
+
+
+def _one_line(err: Exception) -> str:
+    # pandas' parser messages end in newlines; the user gets exactly one line
+    return " ".join(str(err).split())
+
+
+# ---------------------------------------------------------------- reading the logs
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is not valid JSON ({_one_line(err)}); rerun the script that wrote it "
+                        "or move the file out of the log folder.") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds a JSON {type(data).__name__}, not the object train.py or "
+                        "evaluate.py writes; move it out of the log folder.")
+    return data
+
+
+def _read_history(csv_path: Path) -> pd.DataFrame:
+    try:
+        history = pd.read_csv(csv_path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise UserError(f"{csv_path} is not a readable CSV ({_one_line(err)}); rerun the training "
+                        "or move the run's files out of the log folder.") from None
+    missing = [c for c in CSV_COLUMNS if c not in history.columns]
+    if missing:
+        raise UserError(f"{csv_path} lacks the column(s) {', '.join(missing)}, so it is not a "
+                        "per-epoch log from train.py.")
+    text = [c for c in history.columns if not pd.api.types.is_numeric_dtype(history[c])]
+    if text:
+        raise UserError(f"{csv_path} holds non-numbers in the column(s) {', '.join(text)}.")
+    # a resumed run may log an epoch twice (crash after the row, resume from an older checkpoint);
+    # the later row belongs to the weights that carried on
+    history = history.drop_duplicates("epoch", keep="last").sort_values("epoch")
+    return history.reset_index(drop=True)
+
+
+def load_runs(logdir) -> list[dict]:
+    """One dict per <run>.json with its CSV: name, arch, pretrained, json, history, path, mtime."""
+    logdir = Path(logdir)
+    if not logdir.is_dir():
+        raise UserError(f"log folder {logdir} does not exist; pass the folder train.py wrote "
+                        "<run>.csv and <run>.json into (its --log-dir, default logs).")
+    runs = []
+    for json_path in sorted(logdir.glob("*.json")):
+        if json_path.name.endswith("_eval.json"):
+            continue
+        info = _read_json(json_path)
+        absent = [key for key in ("arch", "pretrained") if key not in info]
+        csv_path = json_path.with_suffix(".csv")
+        if absent or not csv_path.is_file():
+            what = f"has no '{absent[0]}' field" if absent else f"has no {csv_path.name} beside it"
+            raise UserError(f"{json_path} {what}, so it is not a complete run log from train.py; "
+                            "move it out of the log folder.")
+        history = _read_history(csv_path)
+        if history.empty:
+            print(f"plot.py: skipping {json_path.stem}: {csv_path} holds no finished epoch yet.")
+            continue
+        runs.append({"name": str(info.get("run_name") or json_path.stem), "arch": str(info["arch"]).lower(),
+                     "pretrained": bool(info["pretrained"]), "json": info, "history": history,
+                     "path": json_path, "mtime": max(json_path.stat().st_mtime, csv_path.stat().st_mtime)})
+    if not runs:
+        raise UserError(f"{logdir} holds no run logs (<run>.json with <run>.csv beside it); train a "
+                        "model first or pass the folder train.py wrote its logs into.")
+    return runs
+
+
+def load_evals(logdir) -> list[dict]:
+    """One dict per *_eval.json: name (stem without _eval), path, data, matrix (counts, float array)."""
+    evals = []
+    for path in sorted(Path(logdir).glob("*_eval.json")):
+        data = _read_json(path)
+        try:
+            matrix = np.asarray(data["confusion_matrix"], dtype=float)
+        except (KeyError, TypeError, ValueError):
+            matrix = np.empty(0)
+        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.size == 0:
+            raise UserError(f"{path} has no square 'confusion_matrix' of counts; rerun evaluate.py.")
+        evals.append({"name": path.stem[:-len("_eval")], "path": path, "data": data, "matrix": matrix})
+    return evals
+
+
+def pick_latest(runs: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The most recently modified run per (arch, pretrained), and the older runs it hides."""
+    newest = {}
+    for run in sorted(runs, key=lambda r: r["mtime"]):
+        newest[(run["arch"], run["pretrained"])] = run
+    kept = list(newest.values())
+    skipped = [r for r in runs if all(r is not k for k in kept)]
+    return kept, skipped
+
+
+def majority_share(arch: str, evals: list[dict]) -> float | None:
+    """The accuracy of always answering the commonest grade, from an evaluation of this arch."""
+    mine = [e for e in evals if str(e["data"].get("arch", "")).lower() == arch]
+    # the curves show test accuracy, so the test split's class mix is the fair reference
+    mine.sort(key=lambda e: e["data"].get("split", "test") != "test")
+    if not mine or mine[0]["matrix"].sum() <= 0:
+        return None
+    counts = mine[0]["matrix"]
+    return float(counts.sum(axis=1).max() / counts.sum())
+
+
+# ---------------------------------------------------------------- figures
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)  # pyplot keeps every open figure alive; a long log folder would pile them up
+    return path
+
+
+def _draw(ax, run: dict, split: str, column: str, scale: float = 1.0) -> None:
+    history = run["history"]
+    if column not in history:
+        return
+    colour, style, marker = LINE_STYLE[(split, run["pretrained"])]
+    setting = "with pretraining" if run["pretrained"] else "w/o pretraining"
+    # a marker on each of 100+ epochs turns the line into a smear; about 15 per line stay readable
+    ax.plot(history["epoch"], history[column] * scale, color=colour, linestyle=style, linewidth=1.8,
+            marker=marker, markersize=5, markevery=max(1, len(history) // 15),
+            label=f"{split.capitalize()}({setting})")
+
+
+def _finish(fig, ax, title: str, ylabel: str) -> None:
+    ax.set_title(title)
+    ax.set_xlabel("Epochs")
+    ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.35)
+    ax.legend()
+    fig.tight_layout()
+
+
+def _pair(arch: str, runs: list[dict]) -> list[dict]:
+    kept, _ = pick_latest([r for r in runs if r["arch"] == arch])
+    return sorted(kept, key=lambda r: not r["pretrained"])
+
+
+def comparison_figure(arch: str, runs: list[dict], majority: float | None = None):
+    """The lab's figure: train/test accuracy (%) per epoch, with and w/o pretraining."""
+    with plt.rc_context(RC):
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for run in _pair(arch, runs):
+            for split in ("train", "test", "val"):
+                _draw(ax, run, split, f"{split}_acc", scale=100)
+        if majority is not None:
+            ax.axhline(100 * majority, color="0.35", linestyle="--", linewidth=1.3,
+                       label=f"Majority grade ({100 * majority:.1f}%)")
+        _finish(fig, ax, f"Result Comparison({display_name(arch)})", "Accuracy(%)")
+    return fig
+
+
+def plot_comparison(arch: str, runs: list[dict], out_dir, evals: list[dict] = ()) -> Path:
+    fig = comparison_figure(arch, runs, majority_share(arch, list(evals)))
+    return _save(fig, Path(out_dir) / f"comparison_{arch}.png")
+
+
+def curves_figure(arch: str, runs: list[dict], metric: str):
+    """Loss (train, test, val) or quadratic weighted kappa (test, val) per epoch."""
+    splits, ylabel, title = {"loss": (("train", "test", "val"), "Loss", "Loss"),
+                             "kappa": (("test", "val"), "Quadratic weighted kappa", "Kappa")}[metric]
+    with plt.rc_context(RC):
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for run in _pair(arch, runs):
+            for split in splits:
+                _draw(ax, run, split, f"{split}_{metric}")
+        if metric == "kappa":
+            lowest = min(run["history"].filter(like="_kappa").min().min() for run in _pair(arch, runs))
+            # a fixed 0..1 axis makes runs comparable across figures; below 0 the model is worse than chance
+            if not lowest < 0:
+                ax.set_ylim(0, 1)
+        _finish(fig, ax, f"{title}({display_name(arch)})", ylabel)
+    return fig
+
+
+def plot_curves(arch: str, runs: list[dict], out_dir) -> list[Path]:
+    return [_save(curves_figure(arch, runs, metric), Path(out_dir) / f"{metric}_{arch}.png")
+            for metric in ("loss", "kappa")]
+
+
+def normalize_rows(matrix) -> np.ndarray:
+    counts = np.asarray(matrix, dtype=float)
+    support = counts.sum(axis=1, keepdims=True)
+    # a grade absent from the split has nothing to divide by: 0.00 as sklearn shows it, not NaN
+    return np.divide(counts, support, out=np.zeros_like(counts), where=support > 0)
+
+
+def confusion_figure(matrix, title="Normalized confusion matrix", normalize=True, caption=None):
+    """The lab's confusion matrix (rows true grade, columns predicted); returns (figure, values drawn)."""
+    shown = normalize_rows(matrix) if normalize else np.asarray(matrix, dtype=float)
+    if shown.ndim != 2 or shown.shape[0] != shown.shape[1]:
+        raise ValueError(f"confusion matrix must be square, got shape {shown.shape}")
+    k = len(shown)
+    vmax = 1.0 if normalize else max(shown.max(), 1.0)
+    labels = [f"{g}\n{GRADE_NAMES[g]}" for g in range(k)] if k == len(GRADE_NAMES) else list(range(k))
+    with plt.rc_context(RC):
+        fig, ax = plt.subplots(figsize=(7, 6))
+        image = ax.imshow(shown, cmap="Blues", vmin=0, vmax=vmax)
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+        ax.set_xticks(range(k), labels)
+        ax.set_yticks(range(k), labels)
+        for i, j in np.ndindex(shown.shape):
+            ax.text(j, i, f"{shown[i, j]:.2f}" if normalize else f"{shown[i, j]:.0f}",
+                    ha="center", va="center", fontsize=max(6, min(13, 60 // k)),
+                    color="white" if shown[i, j] > vmax / 2 else "black")
+        ax.set_title(title)
+        ax.set_xlabel("Predicted label")
+        ax.set_ylabel("True label")
+        if caption:
+            fig.text(0.5, 0.01, caption, ha="center", va="bottom", fontsize=9, color="0.3")
+        fig.tight_layout(rect=(0, 0.04 if caption else 0, 1, 1))
+    return fig, shown
+
+
+def plot_confusion(matrix, path, title="Normalized confusion matrix", normalize=True, caption=None):
+    """Write the confusion matrix of a KxK count matrix to `path` (PNG); returns the values drawn."""
+    fig, shown = confusion_figure(matrix, title, normalize, caption)
+    _save(fig, path)
+    return shown
+
+
+def plot_evaluation(evaluation: dict, out_dir) -> Path:
+    data = evaluation["data"]
+    facts = [evaluation["name"], f"{data['split']} split" if "split" in data else None,
+             f"{data['num_images']} images" if "num_images" in data else None,
+             "TTA" if data.get("tta") else None]
+    path = Path(out_dir) / f"confusion_{evaluation['name']}.png"
+    plot_confusion(evaluation["matrix"], path, caption=", ".join(f for f in facts if f))
+    return path
+
+
+# ---------------------------------------------------------------- summary table
+
+def best_epoch_row(run: dict) -> tuple[pd.Series, bool]:
+    """The CSV row of the best epoch, and whether validation accuracy chose it."""
+    history = run["history"]
+    by_val = run["json"].get("best_metric_name") == "val_acc" and "val_acc" in history
+    return history.loc[history["val_acc" if by_val else "test_acc"].idxmax()], by_val
+
+
+def eval_for(run: dict, evals: list[dict]) -> dict | None:
+    mine = [e for e in evals if e["data"].get("run_name") == run["name"]
+            or e["name"] == run["path"].stem]
+    # plain test-split evaluations compare across runs; TTA or another split only when nothing else exists
+    mine.sort(key=lambda e: (bool(e["data"].get("tta")), e["data"].get("split", "test") != "test"))
+    return mine[0] if mine else None
+
+
+def _number(value, spec: str) -> str:
+    return "-" if value is None or pd.isna(value) else format(float(value), spec)
+
+
+def summary_table(runs: list[dict], evals: list[dict]) -> str:
+    lines = ["| run | model | pretrained | epochs | best test acc (%) | best epoch | kappa | macro F1 | images/s |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    any_by_val = False
+    for run in sorted(runs, key=lambda r: (_arch_order(r["arch"]), not r["pretrained"], r["name"])):
+        row, by_val = best_epoch_row(run)
+        any_by_val |= by_val
+        evaluation = (eval_for(run, evals) or {}).get("data", {})
+        speed = run["history"]["images_per_s"].median()
+        lines.append(" | ".join([
+            f"| {run['name']}", display_name(run["arch"]), "yes" if run["pretrained"] else "no",
+            str(len(run["history"])), _number(100 * row["test_acc"], ".2f") + ("*" if by_val else ""),
+            str(int(row["epoch"])), _number(evaluation.get("kappa", row["test_kappa"]), ".3f"),
+            _number(evaluation.get("macro_f1"), ".3f"), _number(speed, ".1f")]) + " |")
+    return "\n".join(lines + (["", VAL_FOOTNOTE] if any_by_val else [])) + "\n"
+
+
+def write_summary(runs: list[dict], evals: list[dict], out_dir) -> Path:
+    path = Path(out_dir) / "summary.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(summary_table(runs, evals))
+    return path
+
+
+# ---------------------------------------------------------------- command line
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Accuracy curves, confusion matrices and a summary "
+                                     "table from train.py and evaluate.py logs.")
+    parser.add_argument("logdir", nargs="?", default="logs",
+                        help="folder with <run>.csv, <run>.json and *_eval.json (default: logs)")
+    parser.add_argument("--out", default="figures", help="folder for the PNGs and summary.md, "
+                        "created if missing (default: figures)")
+    return parser.parse_args(argv)
+
+
+def _output_folder(out) -> Path:
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"--out {out} is a file, not a folder; pass a folder for the figures.") from None
+    return out
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    runs, evals = load_runs(args.logdir), load_evals(args.logdir)
+    out = _output_folder(args.out)
+    kept, skipped = pick_latest(runs)
+    if skipped:
+        print("plot.py: figures show the newest run per model and pretraining; older runs skipped: "
+              + ", ".join(r["name"] for r in skipped))
+    written = []
+    for arch in sorted({r["arch"] for r in kept}, key=_arch_order):
+        written.append(plot_comparison(arch, kept, out, evals))
+        written += plot_curves(arch, kept, out)
+    written += [plot_evaluation(e, out) for e in evals]
+    written.append(write_summary(runs, evals, out))
+    print(written[-1].read_text())
+    for path in written:
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
