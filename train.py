@@ -575,7 +575,7 @@ def run(args, env: Dist, device: torch.device, stop: StopRequest, log) -> None:
     show = env.main and not args.quiet
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     data_info = {"layout": fundus.layout, "root": str(fundus.root), "image_dir": str(fundus.image_dir),
-                 "train_counts": counts.tolist()}
+                 "train_counts": counts.tolist(), "prepare": fundus.prepare_options()}
     env_info = environment(device, env)
     log(f"run {args.run_name}: {args.model} on {env_info['device']} x{env.world} | "
         f"{'bf16' if amp_dtype == torch.bfloat16 else 'fp16' if amp_dtype else 'fp32'} | "
