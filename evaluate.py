@@ -1,14 +1,18 @@
 """Evaluate one checkpoint: accuracy, quadratic weighted kappa, macro F1, per-grade table, confusion matrix.
 
     python evaluate.py checkpoints/resnet50_pretrained/best.pt [--tta]
+    python evaluate.py checkpoints/resnet50_pretrained/best.pt --images photos/ --cam cams/
 
 The model is rebuilt from what the checkpoint says (architecture, classes, image size) and the split
 is rebuilt from the data and split flags the run trained with, unless --data-root says otherwise.
+With --images it grades new photographs instead, preprocessed as the test split was, and --cam shows
+where the model looked (Grad-CAM of the last residual stage, through captum).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=None, help="loader processes (default: CPUs, at most 16)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--out", default=None, help="metrics JSON (default: <log dir>/<run>[_tta]_eval.json)")
+    p.add_argument("--out", default=None,
+                   help="metrics JSON (default: <log dir>/<run>[_tta]_eval.json); with --images, a predictions CSV")
     p.add_argument("--figure-dir", default="figures", help="where the confusion matrix PNG goes")
+    p.add_argument("--cam-per-grade", type=int, default=0, metavar="K",
+                   help="also save Grad-CAMs of K split images per true grade for plot.py's contact sheet")
+    g = p.add_argument_group("new photographs")
+    g.add_argument("--images", nargs="+", default=None, metavar="PATH",
+                   help="grade these image files, or the images directly inside these folders")
+    g.add_argument("--cam", default=None, metavar="DIR",
+                   help="with --images: a Grad-CAM figure per photo, beside a copy of it, in DIR")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -98,7 +110,7 @@ def split_table(checkpoint: dict, args) -> data.FundusTable:
     root = args.data_root if args.data_root is not None else recorded.get("root", config.get("data_root"))
     image_dir = args.image_dir if args.image_dir is not None else (
         recorded.get("image_dir") if args.data_root is None else None)
-    if args.data_root is None and recorded.get("layout") == "demo":
+    if args.data_root is None and recorded.get("layout") == "demo" and Path(root) == data.DEMO_ROOT:
         import synthetic
 
         synthetic.ensure_demo(root)  # deterministic: regenerated identical when deleted
@@ -127,17 +139,160 @@ def evaluate_checkpoint(checkpoint: dict, table: data.FundusTable, device: torch
     return grading_metrics(grades.numpy()[keep], probs[keep].argmax(1)), probs
 
 
+# --------------------------------------------------------------------------- new photographs
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp"}
+
+
+def collect_images(paths: list[str]) -> list[Path]:
+    """Files as given (any name: a file that is no image is reported when it fails to decode), and
+    the image files directly inside folders, sorted."""
+    found = []
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            found += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise UserError(f"--images {path}: no such file or folder")
+    if not found:
+        raise UserError(f"--images {' '.join(paths)}: no image files there ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return found
+
+
+class PhotoDataset(torch.utils.data.Dataset):
+    """New photographs, preprocessed as the test split was: an eye crop goes through the same
+    load_square as the training data; a raw camera photo is first cropped to the eye as data/prepare.py
+    does (and Ben Graham-normalised when the training data was). The second item is the row, or -1
+    for a file that is no readable image."""
+
+    def __init__(self, paths: list[Path], size: int, ben_graham: bool = False):
+        self.paths, self.size, self.ben_graham = paths, size, ben_graham
+
+    def __len__(self):
+        return len(self.paths)
+
+    def load(self, path: Path):
+        from PIL import Image
+
+        from data.prepare import ben_graham, crop_eye, is_eye_crop  # the folder data/, not dataloader
+
+        with Image.open(path) as img:
+            img.load()
+        if is_eye_crop(img):
+            return data.load_square(str(path), self.size)
+        crop = crop_eye(img, self.size)
+        return ben_graham(crop) if self.ben_graham else crop
+
+    def __getitem__(self, i):
+        try:
+            return data.to_uint8_chw(self.load(self.paths[i])), i
+        except (OSError, ValueError, SyntaxError):  # PIL's errors for files that are no image
+            return torch.zeros(self.size, self.size, 3, dtype=torch.uint8).permute(2, 0, 1), -1 - i
+
+
+def grad_cam(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM (Selvaraju et al. 2017) of the last residual stage for `target`, upsampled to the
+    input and scaled to [0, 1] per image: captum's LayerGradCam, the PyTorch project's own."""
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    with torch.enable_grad():
+        cam = LayerGradCam(model, model.layer4).attribute(x.float(), target=target, relu_attributions=True)
+    cam = LayerAttribution.interpolate(cam.detach(), tuple(x.shape[-2:]), interpolate_mode="bilinear")[:, 0]
+    return cam / cam.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
+
+
+def predict_photos(checkpoint: dict, paths: list[Path], device: torch.device, batch_size: int, workers: int,
+                   tta: bool, cam_dir: Path | None = None, show: bool = False):
+    """(a table path, grade, confidence, p0-p4; the files skipped as no readable image)."""
+    import pandas as pd
+
+    model = load_model(checkpoint, paths[0], device)
+    config = checkpoint["config"]
+    amp_dtype, _ = train.precision(argparse.Namespace(amp=config.get("amp")), device)
+    ctx = train.autocast(device, amp_dtype)
+    prepared = checkpoint.get("data", {}).get("prepare") or {}
+    dataset = PhotoDataset(paths, checkpoint["image_size"], prepared.get("ben_graham", False))
+    loader = data.build_loader(dataset, batch_size, data.ShardSampler(len(dataset)), workers, device)
+    transform = data.BatchTransform(device, augment=False, channels_last=config.get("channels_last", True))
+    rows, skipped = [], []
+    for images, index in train.progress(loader, len(loader), "grade", show):
+        skipped += [paths[-1 - i] for i in index.tolist() if i < 0]
+        keep = index >= 0
+        if not keep.any():
+            continue
+        images, index = images[keep], index[keep]
+        x = transform(images.to(device, non_blocking=True))
+        with torch.inference_mode(), ctx:
+            views = data.dihedral_views(x) if tta else [x]
+            probs = torch.stack([torch.softmax(model(v).float(), 1) for v in views]).mean(0).cpu()
+        grades = probs.argmax(1)
+        if cam_dir is not None:
+            cams = grad_cam(model, x, grades.to(device)).cpu()
+            for j, i in enumerate(index.tolist()):
+                save_cam(paths[i], images[j], cams[j], int(grades[j]), float(probs[j, grades[j]]), cam_dir)
+        for j, i in enumerate(index.tolist()):
+            rows.append({"path": str(paths[i]), "grade": int(grades[j]), "confidence": float(probs[j, grades[j]]),
+                         **{f"p{g}": float(probs[j, g]) for g in GRADES}})
+    return pd.DataFrame(rows, columns=["path", "grade", "confidence", *[f"p{g}" for g in GRADES]]), skipped
+
+
+def save_cam(source: Path, image: torch.Tensor, cam: torch.Tensor, grade: int, confidence: float,
+             cam_dir: Path) -> Path:
+    """A copy of the photo and <stem>_cam.png: what the model saw, and the heatmap over it."""
+    import shutil
+
+    import plot
+
+    cam_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(source, cam_dir / source.name)
+    out = cam_dir / f"{source.stem}_cam.png"
+    title = f"{source.name}: grade {grade} ({data.GRADE_NAMES[grade]}), confidence {confidence:.0%}"
+    plot.plot_cam(image.permute(1, 2, 0).numpy(), cam.numpy(), out, title)
+    return out
+
+
+def cam_samples(checkpoint: dict, table: data.FundusTable, per_grade: int, device: torch.device) -> dict:
+    """Grad-CAMs of the first `per_grade` images of each true grade (CSV order), for the contact sheet."""
+    picks = np.concatenate([np.flatnonzero(table.grades == g)[:per_grade] for g in GRADES])
+    model = load_model(checkpoint, table.source, device)
+    dataset = data.FundusDataset(table.subset(picks, table.source), checkpoint["image_size"])
+    images, grades = data.collate_fundus([dataset[i] for i in range(len(dataset))])
+    transform = data.BatchTransform(device, augment=False, channels_last=checkpoint["config"].get("channels_last", True))
+    x = transform(images.to(device))
+    with torch.inference_mode():
+        probs = torch.softmax(model(x).float(), 1).cpu()
+    preds = probs.argmax(1)
+    cams = grad_cam(model, x, preds.to(device)).cpu()
+    return {"images": images.permute(0, 2, 3, 1).numpy(), "cams": cams.numpy().astype(np.float16),
+            "grades": grades.numpy(), "preds": preds.numpy(), "confidence": probs.max(1).values.numpy(),
+            "names": np.array(table.subset(picks, "").names)}
+
+
 # --------------------------------------------------------------------------- the command
-@exit_on_user_error
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    if args.batch_size < 1:
-        raise UserError("--batch-size must be at least 1")
-    checkpoint = train.load_checkpoint(args.checkpoint)
-    device = device_for(args.device)
+def grade_photos(args, checkpoint: dict, device: torch.device, workers: int) -> None:
+    paths = collect_images(args.images)
+    cam_dir = Path(args.cam) if args.cam else None
+    table, skipped = predict_photos(checkpoint, paths, device, args.batch_size, workers, args.tta, cam_dir,
+                                    show=not args.quiet)
+    for row in table.itertuples():
+        probs = " ".join(f"{getattr(row, f'p{g}'):.3f}" for g in GRADES)
+        print(f"{row.path}\tgrade {row.grade} ({data.GRADE_NAMES[row.grade]})\tconfidence {row.confidence:.1%}"
+              f"\tp0-p4 {probs}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(args.out, index=False, float_format="%.6f")
+        print(f"wrote {args.out}")
+    if cam_dir is not None and len(table):
+        print(f"wrote {len(table)} Grad-CAM figures to {cam_dir}/")
+    if skipped:
+        shown = ", ".join(str(p) for p in skipped[:10]) + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else "")
+        print(f"skipped {len(skipped)} files that are no readable image: {shown}", file=sys.stderr)
+
+
+def evaluate_split_command(args, checkpoint: dict, device: torch.device, workers: int) -> None:
     run_name = checkpoint["config"].get("run_name") or Path(args.checkpoint).parent.name
     table = split_table(checkpoint, args)
-    workers = args.workers if args.workers is not None else data.default_workers()
     metrics, _ = evaluate_checkpoint(checkpoint, table, device, args.batch_size, workers, args.tta,
                                      show=not args.quiet)
     stem = f"{run_name}_tta" if args.tta else run_name
@@ -146,7 +301,8 @@ def main(argv: list[str] | None = None) -> None:
               "checkpoint": str(args.checkpoint), "epoch": checkpoint["epoch"], "split": args.split,
               "num_images": int(sum(c["support"] for c in metrics["per_class"].values())),
               "tta": args.tta, **metrics}
-    out = Path(args.out) if args.out else Path(checkpoint["config"].get("log_dir", "logs")) / f"{stem}_eval.json"
+    log_dir = Path(checkpoint["config"].get("log_dir", "logs"))
+    out = Path(args.out) if args.out else log_dir / f"{stem}_eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     import plot  # matplotlib only when a figure is drawn
@@ -158,6 +314,26 @@ def main(argv: list[str] | None = None) -> None:
           + (", TTA x8" if args.tta else ""))
     print(format_report(metrics))
     print(f"wrote {out} and {figure}")
+    if args.cam_per_grade:
+        cams = out.parent / f"{run_name}_cams.npz"
+        np.savez_compressed(cams, **cam_samples(checkpoint, table, args.cam_per_grade, device))
+        print(f"wrote {cams} (Grad-CAMs of up to {args.cam_per_grade} images per grade; plot.py draws them)")
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    if args.cam and not args.images:
+        raise UserError("--cam needs --images (for a split, --cam-per-grade feeds plot.py's contact sheet)")
+    checkpoint = train.load_checkpoint(args.checkpoint)
+    device = device_for(args.device)
+    workers = args.workers if args.workers is not None else data.default_workers()
+    if args.images:
+        grade_photos(args, checkpoint, device, workers)
+    else:
+        evaluate_split_command(args, checkpoint, device, workers)
 
 
 if __name__ == "__main__":

@@ -282,6 +282,70 @@ def plot_evaluation(evaluation: dict, out_dir) -> Path:
 
 # ---------------------------------------------------------------- summary table
 
+def plot_cam(image, cam, path, title: str, alpha: float = 0.45) -> Path:
+    """The photo as the model saw it beside the Grad-CAM heatmap laid over it."""
+    with plt.rc_context(RC):
+        fig, (left, right) = plt.subplots(1, 2, figsize=(9, 4.8))
+        left.imshow(image)
+        left.set_title("model input")
+        right.imshow(image)
+        shown = right.imshow(cam, cmap="jet", alpha=alpha, vmin=0, vmax=1)
+        right.set_title("Grad-CAM, last residual stage")
+        fig.colorbar(shown, ax=right, fraction=0.046, pad=0.04)
+        for ax in (left, right):
+            ax.axis("off")
+        fig.suptitle(title)
+        fig.tight_layout()
+    return _save(fig, path)
+
+
+def cam_sheet_figure(sheet: dict, title: str):
+    """Rows: true grades 0-4; each cell an image with its Grad-CAM, titled with the prediction,
+    green when right and red when wrong."""
+    grades, preds = sheet["grades"], sheet["preds"]
+    columns = max(1, max(int((grades == g).sum()) for g in range(len(GRADE_NAMES))))
+    with plt.rc_context(RC):
+        fig, axes = plt.subplots(len(GRADE_NAMES), columns, figsize=(2.3 * columns + 1.2, 2.4 * len(GRADE_NAMES)),
+                                 squeeze=False)
+        for g, row in enumerate(axes):
+            picks = np.flatnonzero(grades == g)
+            for c, ax in enumerate(row):
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if c >= len(picks):
+                    ax.axis("off")
+                    continue
+                i = picks[c]
+                ax.imshow(sheet["images"][i])
+                ax.imshow(sheet["cams"][i].astype(np.float32), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+                right = preds[i] == g
+                colour = "tab:green" if right else "tab:red"
+                ax.set_title(f"{'right' if right else 'wrong'}: {preds[i]} ({sheet['confidence'][i]:.0%})",
+                             color=colour, fontsize=10)
+                for spine in ax.spines.values():
+                    spine.set_edgecolor(colour)
+                    spine.set_linewidth(3)
+            row[0].set_ylabel(f"true {g}\n{GRADE_NAMES[g]}", fontsize=11)
+            if not len(picks):
+                row[0].axis("on")
+                row[0].set_frame_on(False)
+        fig.suptitle(title)
+        fig.tight_layout()
+    return fig
+
+
+def plot_cam_sheet(npz_path, out_dir) -> Path:
+    path = Path(npz_path)
+    run = path.stem.removesuffix("_cams")
+    try:
+        with np.load(path) as npz:
+            sheet = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read {path}: {_one_line(err)}") from None
+    fig = cam_sheet_figure(sheet, f"Grad-CAM by true grade: {run} (predicted grade and confidence)")
+    return _save(fig, Path(out_dir) / f"cams_{run}.png")
+
+
 def best_epoch_row(run: dict) -> tuple[pd.Series, bool]:
     """The CSV row of the best epoch, and whether validation accuracy chose it."""
     history = run["history"]
@@ -360,6 +424,7 @@ def main(argv=None) -> None:
         written.append(plot_comparison(arch, kept, out, evals))
         written += plot_curves(arch, kept, out)
     written += [plot_evaluation(e, out) for e in evals]
+    written += [plot_cam_sheet(p, out) for p in sorted(Path(args.logdir).glob("*_cams.npz"))]
     written.append(write_summary(runs, evals, out))
     print(written[-1].read_text())
     for path in written:

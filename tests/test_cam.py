@@ -1,0 +1,139 @@
+"""Grading new photographs and Grad-CAM: a known-answer test, and the same grades as the batch path."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+import plot
+import synthetic
+import train
+
+CELL, GRID = 32, 3  # 96 px images; the last residual stage of a ResNet sees them as 3 x 3 cells
+
+
+def write_patch_set(root, n_train=160, n_test=20, seed=0):
+    """Grade 2 when a bright square fills one of the 3 x 3 cells, grade 0 when there is none: the
+    class is decided by the patch alone, so the evidence is known to be there."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    cells = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        names, grades = [], []
+        for i in range(n):
+            image = rng.integers(90, 150, (GRID * CELL, GRID * CELL, 3), dtype=np.uint8)
+            grade = 2 if i % 2 == 0 else 0
+            if grade:
+                r, c = rng.integers(0, GRID, 2)
+                image[r * CELL + 4:(r + 1) * CELL - 4, c * CELL + 4:(c + 1) * CELL - 4] = 255
+                cells[f"{split}{i}"] = (r, c)
+            Image.fromarray(image).save(root / "images" / f"{split}{i}.png")
+            names.append(f"{split}{i}")
+            grades.append(grade)
+        (root / f"{split}_img.csv").write_text("\n".join(names) + "\n")
+        (root / f"{split}_label.csv").write_text("\n".join(map(str, grades)) + "\n")
+    return cells
+
+
+def test_grad_cam_peaks_inside_the_patch(tmp_path):
+    cells = write_patch_set(tmp_path / "patch")
+    train.main(["--data-root", str(tmp_path / "patch"), "--image-size", str(GRID * CELL), "--epochs", "4",
+                "--optimizer", "adamw", "--lr", "1e-3", "--no-augment", "--batch-size", "16", "--workers", "0",
+                "--checkpoint-dir", str(tmp_path / "ck"), "--log-dir", str(tmp_path / "logs"), "--quiet"])
+    checkpoint = train.load_checkpoint(tmp_path / "ck" / "resnet18_scratch" / "last.pt")
+    model = evaluate.load_model(checkpoint, "test", torch.device("cpu"))
+    names = [n for n in cells if n.startswith("test")][:10]
+    # loaded as the training data was: PhotoDataset would crop these non-fundus images to the patch
+    table = evaluate.data.FundusTable(np.array([str(tmp_path / "patch" / "images" / f"{n}.png") for n in names]),
+                                      np.full(len(names), 2), "test")
+    dataset = evaluate.data.FundusDataset(table, GRID * CELL)
+    images = torch.stack([dataset[i][0] for i in range(len(names))])
+    x = evaluate.data.BatchTransform(torch.device("cpu"), augment=False)(images)
+    with torch.no_grad():
+        preds = model(x).argmax(1)
+    assert (preds == 2).sum() >= 9, preds
+    cams = evaluate.grad_cam(model, x, torch.full((len(names),), 2))
+    assert cams.shape == (len(names), GRID * CELL, GRID * CELL) and cams.max() <= 1 + 1e-6
+    hits = 0
+    for name, cam in zip(names, cams):
+        y, x_ = np.unravel_index(int(cam.argmax()), cam.shape)
+        hits += (y // CELL, x_ // CELL) == tuple(int(v) for v in cells[name])
+    assert hits >= 8, f"Grad-CAM maximum inside the patch for {hits} of 10 images"
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cam_run")
+    root = synthetic.generate_demo(out / "demo", n_train=48, n_test=20, size=64, seed=3, quiet=True)
+    train.main(["--data-root", str(root), "--epochs", "1", "--batch-size", "8", "--workers", "0",
+                "--checkpoint-dir", str(out / "ck"), "--log-dir", str(out / "logs"), "--quiet"])
+    return out, root, out / "ck" / "resnet18_scratch" / "last.pt"
+
+
+def test_images_one_by_one_equal_the_batch_evaluation(demo_run, tmp_path):
+    out, root, ckpt = demo_run
+    checkpoint = train.load_checkpoint(ckpt)
+    table = evaluate.data.load_fundus_data(root).test
+    _, batch_probs = evaluate.evaluate_checkpoint(checkpoint, table, torch.device("cpu"), 7, 0, tta=False)
+    csv = tmp_path / "photos.csv"
+    evaluate.main([str(ckpt), "--images", *map(str, table.paths), "--out", str(csv), "--batch-size", "1",
+                   "--workers", "0", "--quiet"])
+    photos = pd.read_csv(csv)
+    assert photos["path"].tolist() == [str(p) for p in table.paths]
+    assert photos["grade"].tolist() == batch_probs.argmax(1).tolist()
+    np.testing.assert_allclose(photos[[f"p{g}" for g in range(5)]].to_numpy(), batch_probs, atol=1e-5)
+
+
+def test_raw_photo_is_cropped_to_the_eye_like_prepare(demo_run, tmp_path):
+    _, root, _ = demo_run
+    crop = Image.open(root / "images" / f"{evaluate.data.load_fundus_data(root).test.names[0]}.jpeg")
+    wide = Image.new("RGB", (160, 100))
+    wide.paste(crop.resize((90, 90)), (35, 5))  # the eye smaller, off centre, in a wide black frame
+    wide.save(tmp_path / "raw.png")
+    seen = evaluate.PhotoDataset([tmp_path / "raw.png"], 64)[0][0].float()
+    original = evaluate.PhotoDataset([root / "images" / crop.filename.split("/")[-1]], 64)[0][0].float()
+    assert seen.shape == original.shape == (3, 64, 64)
+    assert (seen - original).abs().mean() < 12, "the raw photo was not cropped back to the eye"
+
+
+def test_cam_figures_and_unreadable_files_are_reported(demo_run, tmp_path, capsys):
+    _, root, ckpt = demo_run
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    names = evaluate.data.load_fundus_data(root).test.names[:3]
+    for n in names:
+        (folder / f"{n}.jpeg").write_bytes((root / "images" / f"{n}.jpeg").read_bytes())
+    (folder / "broken.jpeg").write_bytes(b"\xff\xd8 not really")
+    (tmp_path / "notes.txt").write_text("not an image")
+    cams = tmp_path / "cams"
+    evaluate.main([str(ckpt), "--images", str(folder), str(tmp_path / "notes.txt"), "--cam", str(cams),
+                   "--workers", "0", "--quiet"])
+    out, err = capsys.readouterr()
+    assert len([line for line in out.splitlines() if "\tgrade " in line]) == 3
+    assert "skipped 2 files that are no readable image" in err and "broken.jpeg" in err and "notes.txt" in err
+    for n in names:
+        assert (cams / f"{n}.jpeg").is_file()
+        with Image.open(cams / f"{n}_cam.png") as figure:
+            assert figure.size[0] > 600 and len(figure.getcolors(1 << 20) or []) > 100
+
+
+def test_missing_image_path_is_a_user_error(demo_run, capsys):
+    _, _, ckpt = demo_run
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main([str(ckpt), "--images", "no/such/photo.jpeg"])
+    assert exit_info.value.code == 2 and "--images no/such/photo.jpeg: no such file" in capsys.readouterr().err
+
+
+def test_contact_sheet_from_evaluate_to_plot(demo_run, tmp_path):
+    out, _, ckpt = demo_run
+    evaluate.main([str(ckpt), "--cam-per-grade", "2", "--workers", "0", "--quiet",
+                   "--out", str(out / "logs" / "resnet18_scratch_eval.json"), "--figure-dir", str(tmp_path / "f")])
+    with np.load(out / "logs" / "resnet18_scratch_cams.npz") as sheet:
+        grades = sheet["grades"]
+        assert sheet["cams"].shape[1:] == (64, 64) and sheet["images"].shape[1:] == (64, 64, 3)
+    # up to 2 per grade, fewer where the 20 test images hold fewer (the demo mix gives 14/1/3/1/1)
+    assert np.bincount(grades, minlength=5).tolist() == [min(2, c) for c in synthetic.grade_counts(20)]
+    plot.main([str(out / "logs"), "--out", str(tmp_path / "figures")])
+    with Image.open(tmp_path / "figures" / "cams_resnet18_scratch.png") as figure:
+        assert figure.size[1] > 1000 and len(figure.getcolors(1 << 20) or []) > 500
