@@ -133,7 +133,7 @@ def test_non_finite_loss_stops_with_epoch_and_batch(tiny_demo, tmp_path, capsys)
 
 def test_torchrun_two_processes_gloo(tiny_demo, tmp_path, repo_root):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
-           *base_args(tiny_demo, tmp_path, "--epochs", "2", "--device", "cpu")]
+           *base_args(tiny_demo, tmp_path, "--epochs", "2", "--device", "cpu", "--grad-accum-steps", "2")]
     result = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("epoch   2/2") == 1  # only rank 0 prints
@@ -202,3 +202,36 @@ def test_named_data_root_without_dataset_is_an_error(tmp_path, capsys):
         train.main(["--data-root", str(tmp_path / "empty"), "--epochs", "1"])
     assert exit_info.value.code == 2
     assert f"--data-root {tmp_path / 'empty'} holds no dataset" in capsys.readouterr().err
+
+
+def one_epoch(model, batch_size, accum, samples):
+    loader = torch.utils.data.DataLoader(samples, batch_size=batch_size, collate_fn=dataloader.collate_fundus,
+                                         sampler=torch.utils.data.DistributedSampler(samples, 1, 0, shuffle=False))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    args = type("Args", (), {"grad_accum_steps": accum, "skip_bad_images": False, "seed": 0, "lr": 0.5})()
+    stop = type("Stop", (), {"requested": lambda self, env, device: False})()
+    cpu = torch.device("cpu")
+    return train.train_one_epoch(model, loader, dataloader.BatchTransform(cpu, augment=False),
+                                 torch.nn.CrossEntropyLoss(), optimizer, scheduler,
+                                 torch.amp.GradScaler("cpu", enabled=False), train.autocast(cpu, None), cpu, 1, args,
+                                 train.Dist(), stop, torch.Generator(), show=False)
+
+
+def test_gradient_accumulation_equals_one_large_batch():
+    torch.manual_seed(0)
+    samples = [(torch.randint(0, 256, (3, 4, 4), dtype=torch.uint8), int(g)) for g in torch.randint(0, 5, (8,))]
+    start = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 5))
+    accumulated, large, small_steps = (torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 5))
+                                       for _ in range(3))
+    for m in (accumulated, large, small_steps):
+        m.load_state_dict(start.state_dict())
+    one_epoch(accumulated, 2, 4, samples)   # 4 batches of 2, one optimiser step
+    one_epoch(large, 8, 1, samples)         # 1 batch of 8, one optimiser step
+    one_epoch(small_steps, 2, 1, samples)   # 4 batches of 2, four steps: must differ
+    for a, b, c, s in zip(accumulated.parameters(), large.parameters(), small_steps.parameters(),
+                          start.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+        assert not torch.allclose(a, s)
+    assert not all(torch.allclose(a, c, atol=1e-4) for a, c in zip(accumulated.parameters(),
+                                                                   small_steps.parameters()))
