@@ -434,7 +434,7 @@ def report_cpu(r: dict) -> str:
     parts.append(table(f"Evaluation images/s, {r['eval_arch']} at {r['train_size']} px", ["plain", "TTA x8", "ratio"],
                        [[f"{e['plain']:.1f}", f"{e['tta']:.1f}", f"{e['tta'] / e['plain']:.3f}"]]))
     mem = r["memory"]
-    rows = [[f"{n:,}", f"{v['peak_pss_mb']:.0f}", f"{v['peak_rss_sum_mb']:.0f}"] for n, v in mem.items() if n != "ratio"]
+    rows = [[f"{int(n):,}", f"{v['peak_pss_mb']:.0f}", f"{v['peak_rss_sum_mb']:.0f}"] for n, v in mem.items() if n != "ratio"]
     parts.append(table(f"Peak host memory of one training epoch, main process + {r['workers']} workers "
                        f"(ratio of PSS: {mem['ratio']:.3f})", ["training rows", "PSS MB", "sum of RSS MB"], rows))
     return "\n".join(parts)

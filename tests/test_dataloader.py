@@ -234,3 +234,23 @@ def test_default_root_uses_the_demo_set_and_says_so(tmp_path, monkeypatch):
 def test_patient_split_rejects_bad_fraction():
     with pytest.raises(UserError):
         data.patient_split(["1_left", "2_left"], 1.5, 0)
+
+
+def test_augmentation_mirrors_half_the_images():
+    # red and green squares side by side: a rotation keeps their clockwise order, a mirror reverses it
+    x = torch.zeros(400, 3, 32, 32, dtype=torch.uint8)
+    x[:, 0, 4:12, 4:12] = 255
+    x[:, 1, 4:12, 20:28] = 255
+    out = data.BatchTransform(torch.device("cpu"), augment=True, max_scale=0, brightness=0, contrast=0)(
+        x, torch.Generator().manual_seed(0))
+    pixels = out * torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(data.IMAGENET_MEAN).view(1, 3, 1, 1)
+    yy, xx = torch.meshgrid(torch.arange(32.0) - 15.5, torch.arange(32.0) - 15.5, indexing="ij")
+
+    def centroid(mask):
+        w = mask.float().sum((1, 2)).clamp_min(1)
+        return (mask * xx).sum((1, 2)) / w, (mask * yy).sum((1, 2)) / w
+
+    rx, ry = centroid((pixels[:, 0] > 0.5) & (pixels[:, 1] < 0.5))
+    gx, gy = centroid((pixels[:, 1] > 0.5) & (pixels[:, 0] < 0.5))
+    mirrored = ((rx * gy - ry * gx) < 0).float().mean()  # the original's order is clockwise (> 0)
+    assert 0.35 < mirrored < 0.65
