@@ -123,10 +123,19 @@ def bench_input_pipeline(fundus: data.FundusData, size: int, rounds: int) -> dic
     table = fundus.train
     paths = [str(p) for p in table.paths]
 
+    def decode(p):
+        with Image.open(p) as img:
+            return np.asarray(img.convert("RGB"))
+
     def bare():
         for p in paths:
-            with Image.open(p) as img:
-                np.asarray(img.convert("RGB"))
+            decode(p)
+
+    def bare_batched():  # what any batched pipeline must add: one copy into the batch
+        for i in range(0, len(paths), 32):
+            torch.from_numpy(np.stack([decode(p) for p in paths[i:i + 32]]))
+
+    ours = data.FundusDataset(table, size)
 
     def run(dataset):
         # through a DataLoader in this process, so batching (collation) is counted too
@@ -137,7 +146,9 @@ def bench_input_pipeline(fundus: data.FundusData, size: int, rounds: int) -> dic
 
     rates = interleaved_rates({
         "bare decode (PIL open + RGB)": bare,
-        "ours: decode + crop/resize -> uint8 CHW": run(data.FundusDataset(table, size)),
+        "bare decode, stacked in batches of 32": bare_batched,
+        "ours, per image (Dataset items)": lambda: [ours[i] for i in range(len(ours))],
+        "ours, batches of 32 from the DataLoader": run(ours),
         "ours + rotation on the CPU": run(CpuRotationDataset(table, size)),
         "lab-style: flips + float ToTensor + Normalize": run(LabStyleDataset(table, size)),
     }, len(paths), rounds)
@@ -356,6 +367,10 @@ def bench_cuda(work: Path, quick: bool, save) -> dict:
     steps = 4 if quick else 30
     out = {"image_size": size, "batch": batch, "workers": workers, "train": {}, "memory": {}, "models": {}}
     archs = ("resnet18", "resnet50")
+    # the input pipeline alone, batches copied to the device and nothing else: the ceiling of the
+    # real-pipeline rows (on the H200 it was the same from 8 to 16 workers: a serial stage, not decoding)
+    out["loader_only"] = loader_rate(fundus.train, size, batch, workers, device, epochs=3)
+    save(out)
     for arch in archs:
         row = out["train"].setdefault(arch, {})
         synthetic_batches = DeviceBatches(steps, batch, size, device)
@@ -451,6 +466,8 @@ def report_cuda(r: dict) -> str:
     cell = lambda a, k: f"{c['train'][a][k]:.0f}" if k in c["train"][a] else "not measured"
     parts = [table(f"CUDA training images/s, {c['image_size']} px, batch {c['batch']} ({c['workers']} workers)",
                    ["configuration", *archs], [[k, *(cell(a, k) for a in archs)] for k in configs])]
+    if "loader_only" in c:
+        parts.append(f"Input pipeline alone (loader -> device, no model): {c['loader_only']:.0f} images/s\n")
     lab, real, synth = "lab-style (batch 4, fp32 NCHW, float pipeline)", "bf16 CL real pipeline", "bf16 CL synthetic"
     rows = [[a, ratio(c["train"][a], real, lab), ratio(c["train"][a], real, synth, "{:.0%}"),
              ratio(c["train"][a], synth, "fp32/tf32 CL synthetic"), ratio(c["train"][a], synth, "bf16 NCHW synthetic"),
@@ -523,7 +540,7 @@ def run_cpu(work: Path, quick: bool, workers: int) -> dict:
     model_size, model_batch = (64, 4) if q else (128, 16)
     return {
         "pipeline_size": pipeline_size,
-        "input_pipeline": bench_input_pipeline(pipe, pipeline_size, rounds=1 if q else 9),
+        "input_pipeline": bench_input_pipeline(pipe, pipeline_size, rounds=1 if q else 15),
         "train_size": train_size, "train_batch": train_batch,
         "training": bench_training_cpu(train_set, archs, train_size, train_batch, workers),
         "model_size": model_size, "model_batch": model_batch,
