@@ -297,7 +297,7 @@ def evaluate_split_command(args, checkpoint: dict, device: torch.device, workers
                                      show=not args.quiet)
     stem = f"{run_name}_tta" if args.tta else run_name
     result = {"run_name": run_name, "arch": checkpoint["arch"],
-              "pretrained": bool(checkpoint["config"].get("pretrained") or checkpoint["config"].get("weights")),
+              "pretrained": train.is_pretrained(checkpoint["config"]),
               "checkpoint": str(args.checkpoint), "epoch": checkpoint["epoch"], "split": args.split,
               "num_images": int(sum(c["support"] for c in metrics["per_class"].values())),
               "tta": args.tta, **metrics}

@@ -483,6 +483,24 @@ def epoch_line(row: dict, epochs: int, best: bool) -> str:
             f"lr {row['lr']:.2e} | {row['seconds']:.1f}s {row['images_per_s']:.1f} img/s" + (" | best" if best else ""))
 
 
+def write_epoch(checkpoint: dict, is_best: bool, run_dir: Path, log_dir: Path, env_info: dict) -> None:
+    """last.pt (and best.pt), then the CSV and JSON logs, each replaced atomically."""
+    save_atomic(checkpoint, run_dir / "last.pt")
+    if is_best:
+        copy_atomic(run_dir / "last.pt", run_dir / "best.pt")
+    config, history = checkpoint["config"], checkpoint["history"]
+    summary = {"run_name": config["run_name"], "arch": checkpoint["arch"], "pretrained": is_pretrained(config),
+               "config": config, "data": checkpoint["data"], "environment": env_info,
+               "epochs_done": checkpoint["epoch"], "best_epoch": checkpoint["best_epoch"],
+               "best_metric": checkpoint["best_metric"], "best_metric_name": checkpoint["best_metric_name"],
+               "best": history[checkpoint["best_epoch"] - 1], "last": history[-1], "checkpoint_dir": str(run_dir)}
+    write_logs(log_dir, config["run_name"], history, summary)
+
+
+def is_pretrained(config: dict) -> bool:
+    return bool(config.get("pretrained") or config.get("weights"))
+
+
 # --------------------------------------------------------------------------- the run
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
@@ -514,7 +532,7 @@ def run(args, env: Dist, device: torch.device, stop: StopRequest, log) -> None:
     if args.image_size is None:
         args.image_size = fundus.image_size() if fundus.layout == "demo" else 512
     if args.run_name is None:
-        args.run_name = f"{args.model}_{'pretrained' if args.pretrained or args.weights else 'scratch'}"
+        args.run_name = f"{args.model}_{'pretrained' if is_pretrained(vars(args)) else 'scratch'}"
     amp_dtype, fp16_scaling = precision(args, device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     workers = args.workers if args.workers is not None else data.default_workers(env.local_world)
@@ -585,6 +603,10 @@ def run(args, env: Dist, device: torch.device, stop: StopRequest, log) -> None:
     for epoch in range(start_epoch, args.epochs + 1):
         train_stats = train_one_epoch(model, train_loader, train_transform, criterion, optimizer, scheduler, scaler,
                                       ctx, device, epoch, args, env, stop, aug_gen, show)
+        if env.active:
+            # each rank's last forward updated its own BN statistics: evaluate with rank 0's, the ones saved
+            for buffer in raw_model.buffers():
+                dist.broadcast(buffer, 0)
         test_stats = evaluate_split(eval_model, test_loader, eval_transform, device, ctx, env, "test", show)
         row = {"epoch": epoch, "train_loss": train_stats["loss"], "train_acc": train_stats["acc"],
                "test_loss": test_stats["loss"], "test_acc": test_stats["acc"], "test_kappa": test_stats["kappa"],
@@ -610,14 +632,7 @@ def run(args, env: Dist, device: torch.device, stop: StopRequest, log) -> None:
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_states(),
                 "history": history,
             }
-            save_atomic(checkpoint, run_dir / "last.pt")
-            if is_best:
-                copy_atomic(run_dir / "last.pt", run_dir / "best.pt")
-            summary = {"run_name": args.run_name, "arch": args.model, "pretrained": bool(args.pretrained or args.weights),
-                       "config": config, "data": data_info, "environment": env_info, "epochs_done": epoch,
-                       "best_epoch": best_epoch, "best_metric": best_metric, "best_metric_name": select,
-                       "best": history[best_epoch - 1], "last": row, "checkpoint_dir": str(run_dir)}
-            write_logs(log_dir, args.run_name, history, summary)
+            write_epoch(checkpoint, is_best, run_dir, log_dir, env_info)
     log(f"done: best {select} {best_metric:.2%} at epoch {best_epoch}; {run_dir}/best.pt, {log_dir}/{args.run_name}.csv")
 
 

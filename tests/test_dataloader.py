@@ -116,6 +116,7 @@ def test_bad_input_is_one_sentence_and_exit_2(tmp_path, capsys, breakage, messag
 
 
 @pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.filterwarnings("ignore:skipped unreadable image")  # expected: the test reads the count printed
 def test_undecodable_image_names_path_and_row(tmp_path, capsys, workers):
     root = write_lab(tmp_path / "ds", rows("a", 8), rows("b", 4))
     (root / "images" / "a3_left.jpeg").write_bytes(b"not a jpeg at all")
