@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -507,7 +508,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = resolve_args(argv)
     env, device = setup(args)
-    log = print if env.main else (lambda *a, **k: None)
+    # flush: epoch lines must reach a log file or `| tee` as they happen, not when a buffer fills
+    log = functools.partial(print, flush=True) if env.main else (lambda *a, **k: None)
     stop = StopRequest()
     try:
         run(args, env, device, stop, log)
