@@ -218,8 +218,11 @@ def load_fundus_data(data_root: str | os.PathLike | None = None, image_dir: str 
         if not holds_dataset(root):
             raise UserError(f"--data-root {root} holds no dataset: expected the lab's train_img.csv, "
                             f"train_label.csv, test_img.csv, test_label.csv, or {' or '.join(LABEL_TABLES)}")
-    if layout is None and (root / "SYNTHETIC_DEMO.txt").is_file():
-        layout = "demo"  # the demo set named by its folder (synthetic.MARKER): it too trains at its own size
+    if layout is None:
+        import synthetic
+
+        if (root / synthetic.MARKER).is_file():
+            layout = "demo"  # the demo set named by its folder: it too trains at its own size
     image_dir = Path(image_dir) if image_dir is not None else default_image_dir(root)
     images = index_images(image_dir)
     table = find_labels_table(root)

@@ -86,12 +86,6 @@ def format_report(metrics: dict) -> str:
 
 
 # --------------------------------------------------------------------------- model and data
-def device_for(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is visible here; use --device cpu")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
-
-
 def load_model(checkpoint: dict, path, device: torch.device) -> torch.nn.Module:
     """The checkpoint's architecture with its weights, in eval mode; a mismatch is one sentence."""
     arch = checkpoint["arch"]
@@ -103,6 +97,14 @@ def load_model(checkpoint: dict, path, device: torch.device) -> torch.nn.Module:
         raise UserError(f"{path} says arch {arch} but its weights do not fit {arch} ({detail[:160]})") from None
     memory_format = torch.channels_last if checkpoint["config"].get("channels_last", True) else torch.contiguous_format
     return model.to(device, memory_format=memory_format).eval()
+
+
+def inference_setup(checkpoint: dict, source, device: torch.device):
+    """(model, eval transform, autocast context) as the run used them: one place for all three."""
+    config = checkpoint["config"]
+    amp_dtype, _ = train.precision(argparse.Namespace(amp=config.get("amp")), device)
+    transform = data.BatchTransform(device, augment=False, channels_last=config.get("channels_last", True))
+    return load_model(checkpoint, source, device), transform, train.autocast(device, amp_dtype)
 
 
 def split_table(checkpoint: dict, args) -> data.FundusTable:
@@ -118,21 +120,17 @@ def split_table(checkpoint: dict, args) -> data.FundusTable:
                                    config.get("val_fraction", 0.0), config.get("split_seed", 0))
     table = getattr(fundus, args.split)
     if table is None:
-        raise UserError(f"--split val: the run held out no validation part (it trained with --val-fraction 0)")
+        raise UserError("--split val: the run held out no validation part (it trained with --val-fraction 0)")
     return table
 
 
 def evaluate_checkpoint(checkpoint: dict, table: data.FundusTable, device: torch.device, batch_size: int,
                         workers: int, tta: bool, show: bool = False) -> tuple[dict, np.ndarray]:
     """Metrics over the table, and the softmax probabilities [N, 5] (NaN rows for skipped images)."""
-    model = load_model(checkpoint, table.source, device)
-    config = checkpoint["config"]
-    amp_dtype, _ = train.precision(argparse.Namespace(amp=config.get("amp")), device)
-    dataset = data.FundusDataset(table, checkpoint["image_size"], config.get("skip_bad_images", False))
+    model, transform, ctx = inference_setup(checkpoint, table.source, device)
+    dataset = data.FundusDataset(table, checkpoint["image_size"], checkpoint["config"].get("skip_bad_images", False))
     loader = data.build_loader(dataset, batch_size, data.ShardSampler(len(dataset)), workers, device)
-    transform = data.BatchTransform(device, augment=False, channels_last=config.get("channels_last", True))
-    log_probs, grades = train.predict(model, loader, transform, device, train.autocast(device, amp_dtype),
-                                      tta=tta, desc="evaluate", show=show)
+    log_probs, grades = train.predict(model, loader, transform, device, ctx, tta=tta, desc="evaluate", show=show)
     probs = log_probs.exp().numpy()
     keep = grades.numpy() >= 0
     probs[~keep] = np.nan
@@ -207,14 +205,10 @@ def predict_photos(checkpoint: dict, paths: list[Path], device: torch.device, ba
     """(a table path, grade, confidence, p0-p4; the files skipped as no readable image)."""
     import pandas as pd
 
-    model = load_model(checkpoint, paths[0], device)
-    config = checkpoint["config"]
-    amp_dtype, _ = train.precision(argparse.Namespace(amp=config.get("amp")), device)
-    ctx = train.autocast(device, amp_dtype)
+    model, transform, ctx = inference_setup(checkpoint, paths[0], device)
     prepared = checkpoint.get("data", {}).get("prepare") or {}
     dataset = PhotoDataset(paths, checkpoint["image_size"], prepared.get("ben_graham", False))
     loader = data.build_loader(dataset, batch_size, data.ShardSampler(len(dataset)), workers, device)
-    transform = data.BatchTransform(device, augment=False, channels_last=config.get("channels_last", True))
     rows, skipped = [], []
     for images, index in train.progress(loader, len(loader), "grade", show):
         skipped += [paths[-1 - i] for i in index.tolist() if i < 0]
@@ -223,9 +217,7 @@ def predict_photos(checkpoint: dict, paths: list[Path], device: torch.device, ba
             continue
         images, index = images[keep], index[keep]
         x = transform(images.to(device, non_blocking=True))
-        with torch.inference_mode(), ctx:
-            views = data.dihedral_views(x) if tta else [x]
-            probs = torch.stack([torch.softmax(model(v).float(), 1) for v in views]).mean(0).cpu()
+        probs = train.softmax_over_views(model, x, ctx, tta).cpu()
         grades = probs.argmax(1)
         if cam_dir is not None:
             cams = grad_cam(model, x, grades.to(device)).cpu()
@@ -255,13 +247,11 @@ def save_cam(source: Path, image: torch.Tensor, cam: torch.Tensor, grade: int, c
 def cam_samples(checkpoint: dict, table: data.FundusTable, per_grade: int, device: torch.device) -> dict:
     """Grad-CAMs of the first `per_grade` images of each true grade (CSV order), for the contact sheet."""
     picks = np.concatenate([np.flatnonzero(table.grades == g)[:per_grade] for g in GRADES])
-    model = load_model(checkpoint, table.source, device)
+    model, transform, ctx = inference_setup(checkpoint, table.source, device)
     dataset = data.FundusDataset(table.subset(picks, table.source), checkpoint["image_size"])
     images, grades = data.collate_fundus([dataset[i] for i in range(len(dataset))])
-    transform = data.BatchTransform(device, augment=False, channels_last=checkpoint["config"].get("channels_last", True))
     x = transform(images.to(device))
-    with torch.inference_mode():
-        probs = torch.softmax(model(x).float(), 1).cpu()
+    probs = train.softmax_over_views(model, x, ctx, tta=False).cpu()
     preds = probs.argmax(1)
     cams = grad_cam(model, x, preds.to(device)).cpu()
     return {"images": images.permute(0, 2, 3, 1).numpy(), "cams": cams.numpy().astype(np.float16),
@@ -328,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.cam and not args.images:
         raise UserError("--cam needs --images (for a split, --cam-per-grade feeds plot.py's contact sheet)")
     checkpoint = train.load_checkpoint(args.checkpoint)
-    device = device_for(args.device)
+    device = train.choose_device(args.device)
     workers = args.workers if args.workers is not None else data.default_workers()
     if args.images:
         grade_photos(args, checkpoint, device, workers)

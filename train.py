@@ -228,14 +228,20 @@ class Dist:
         return self.world > 1
 
 
+def choose_device(name: str, local_rank: int = 0) -> torch.device:
+    """--device auto|cpu|cuda: CUDA when asked for or present; asked for and absent is an error."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible here; use --device cpu")
+    use_cuda = name == "cuda" or (name == "auto" and torch.cuda.is_available())
+    return torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+
+
 def setup(args) -> tuple[Dist, torch.device]:
     """Processes, device and backends, decided once. torchrun's env vars switch on DDP."""
     env = Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
                int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is visible here; use --device cpu")
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda", env.local_rank) if use_cuda else torch.device("cpu")
+    device = choose_device(args.device, env.local_rank)
+    use_cuda = device.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
@@ -410,6 +416,14 @@ def train_one_epoch(model, loader, transform, criterion, optimizer, scheduler, s
 
 
 @torch.inference_mode()
+def softmax_over_views(model, x: torch.Tensor, ctx, tta: bool) -> torch.Tensor:
+    """Class probabilities of a normalised batch; with tta, averaged over its 8 flips and quarter turns."""
+    views = data.dihedral_views(x) if tta else [x]
+    with ctx:
+        return torch.stack([F.softmax(model(v).float(), dim=1) for v in views]).mean(0)
+
+
+@torch.inference_mode()
 def predict(model, loader, transform, device, ctx, tta: bool = False, desc: str = "test",
             show: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-probabilities [N, 5] float32, grades [N]) of this rank's shard, on the CPU. With tta, the
@@ -417,10 +431,7 @@ def predict(model, loader, transform, device, ctx, tta: bool = False, desc: str 
     model.eval()
     log_probs, grades = [], []
     for images, batch_grades in progress(loader, len(loader), desc, show):
-        x = transform(images.to(device, non_blocking=True))
-        views = data.dihedral_views(x) if tta else [x]
-        with ctx:
-            probs = torch.stack([F.softmax(model(v).float(), dim=1) for v in views]).mean(0)
+        probs = softmax_over_views(model, transform(images.to(device, non_blocking=True)), ctx, tta)
         log_probs.append(probs.clamp_min(1e-12).log().cpu())
         grades.append(batch_grades)
     return torch.cat(log_probs), torch.cat(grades)

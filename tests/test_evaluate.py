@@ -127,3 +127,15 @@ def test_checkpoint_of_another_architecture_is_refused(trained, tmp_path, capsys
 
 def test_missing_checkpoint(tmp_path, capsys):
     expect_refusal(tmp_path / "nope.pt", capsys, "does not exist")
+
+
+def test_tta_averages_the_softmax_of_all_eight_views():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 6 * 6, 5)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    views = [torch.flip(torch.rot90(x, k, (2, 3)), (3,)) if f else torch.rot90(x, k, (2, 3))
+             for k in range(4) for f in (0, 1)]
+    expected = torch.stack([torch.softmax(model(v), 1) for v in views]).mean(0)
+    ctx = train.autocast(torch.device("cpu"), None)
+    assert torch.allclose(train.softmax_over_views(model, x, ctx, tta=True), expected, atol=1e-6)
+    assert torch.allclose(train.softmax_over_views(model, x, ctx, tta=False), torch.softmax(model(x), 1), atol=1e-6)
