@@ -22,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from errors import UserError
+from runtime import worker_signals
 
 # Decoded pixels arrive as read-only numpy arrays; torch warns when it wraps one. Nothing writes to
 # them in place (BatchTransform makes a float copy first), and copying to silence it costs time.
@@ -366,7 +367,7 @@ def build_loader(dataset: Dataset, batch_size: int, sampler: Sampler, workers: i
                  device: torch.device, drop_last: bool = False) -> DataLoader:
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_fundus,
-        pin_memory=device.type == "cuda", drop_last=drop_last,
+        pin_memory=device.type == "cuda", drop_last=drop_last, worker_init_fn=worker_signals,
         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
     )
 

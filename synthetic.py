@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-import multiprocessing
 import os
 import shutil
 import time
@@ -24,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
+
+from runtime import map_in_processes
 
 GRADE_MIX = (0.73, 0.07, 0.15, 0.025, 0.025)
 DEMO_DEFAULTS = dict(n_train=1200, n_test=300, size=128, seed=0)
@@ -353,13 +354,8 @@ def draw_images(images_dir: Path, splits: list, size: int, seed: int, workers: i
              for i in range(0, len(rows), IMAGES_PER_TASK)]
     workers = min(workers, len(tasks))
     with tqdm(total=len(rows), desc="demo set", unit="img", disable=True if quiet else None) as bar:
-        if workers == 1:
-            for done in map(draw_task, tasks):
-                bar.update(done)
-            return
-        with multiprocessing.Pool(workers) as pool:
-            for done in pool.imap_unordered(draw_task, tasks):
-                bar.update(done)
+        for done in map_in_processes(draw_task, tasks, workers):
+            bar.update(done)
 
 
 def write_csvs(folder: Path, splits: list) -> None:

@@ -273,11 +273,17 @@ class StopRequest:
 
     def __init__(self):
         self.signum = 0
+        self.previous = {}
+
+    def install(self) -> None:
+        """From here on a signal stops training at the next batch. Installed when training starts,
+        after every pool of worker processes (the demo set's) has been started and ended."""
         self.previous = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+        self.previous = {}
 
     def _handler(self, signum, frame):
         if self.signum:  # a second Ctrl-C means now
@@ -613,6 +619,7 @@ def run(args, env: Dist, device: torch.device, stop: StopRequest, log) -> None:
         f"{'channels_last' if args.channels_last else 'NCHW'} | batch {args.batch_size}x{env.world}"
         f"x{args.grad_accum_steps} | {workers} workers")
 
+    stop.install()
     for epoch in range(start_epoch, args.epochs + 1):
         train_stats = train_one_epoch(model, train_loader, train_transform, criterion, optimizer, scheduler, scaler,
                                       ctx, device, epoch, args, env, stop, aug_gen, show)

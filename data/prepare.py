@@ -16,7 +16,6 @@ import json
 import math
 import os
 import sys
-from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +28,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataloader import default_workers, patient_split, read_labels_table  # noqa: E402
 from errors import UserError, exit_on_user_error  # noqa: E402
+from runtime import map_in_processes  # noqa: E402
 
 PHOTO_EXTENSIONS = (".jpeg", ".jpg", ".png", ".tif", ".tiff")
 FAILURES_FILE = "prepare_failures.txt"
@@ -311,19 +311,6 @@ def pending(photos: list[Path], out_dir: Path) -> tuple[list[tuple[Path, Path]],
     return todo, len(photos) - len(todo)
 
 
-class _InProcess:
-    """Pool's imap_unordered in this process: --workers 1 gives plain tracebacks and pdb."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def imap_unordered(self, fn, items, chunksize=1):
-        return map(fn, items)
-
-
 def run_all(todo: list[tuple[Path, Path]], args: argparse.Namespace) -> dict[str, str]:
     """Crop every pair on args.workers processes; the failures as {file name: reason}."""
     work = functools.partial(prepare_pair, size=args.size, ben_graham=args.ben_graham, quality=args.quality)
@@ -331,11 +318,10 @@ def run_all(todo: list[tuple[Path, Path]], args: argparse.Namespace) -> dict[str
     failures = {}
     # chunks of 4: a photo takes 50-150 ms, so handing them out costs nothing, and the last
     # chunks finish together instead of one worker holding a long tail
-    with Pool(args.workers) if args.workers > 1 and len(todo) > 1 else _InProcess() as pool:
-        for src, error in pool.imap_unordered(work, todo, chunksize=4):
-            if error is not None:
-                failures[src.name] = error
-            bar.update()
+    for src, error in map_in_processes(work, todo, args.workers, chunksize=4):
+        if error is not None:
+            failures[src.name] = error
+        bar.update()
     bar.close()
     return failures
 
