@@ -11,9 +11,11 @@ DEMO_FLAGS ?= --optimizer adamw --lr 1e-3
 
 .PHONY: test demo clean
 
-$(VENV)/.installed: requirements.txt
+# -e .: the repo's modules become importable from anywhere (data/prepare.py imports fundus.py)
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --progress-bar off -r requirements.txt
+	$(PY) -m pip install --quiet --progress-bar off --no-deps -e .
 	touch $@
 
 test: $(VENV)/.installed

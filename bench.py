@@ -29,11 +29,12 @@ import torchvision
 from PIL import Image
 from torch.utils.data import Dataset
 
-import dataloader as data
+import dataloader
+import evaluate
 import models
+import optimisation
 import synthetic
-import train
-from errors import exit_on_user_error
+from runtime import UserError, autocast, exit_on_user_error, precision
 
 GIB = 1024 ** 3
 
@@ -81,22 +82,22 @@ def table(title: str, header: list[str], rows: list[list]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def demo_set(root: Path, n_train: int, size: int, n_test: int = 16) -> data.FundusData:
+def demo_set(root: Path, n_train: int, size: int, n_test: int = 16) -> dataloader.FundusData:
     synthetic.generate_demo(root, n_train=n_train, n_test=n_test, size=size, seed=1, quiet=True)
-    return data.load_fundus_data(root)
+    return dataloader.load_fundus_data(root)
 
 
 class LabStyleDataset(Dataset):
     """The classic lab loader: PIL decode, random flips on PIL images, float ToTensor and Normalize
     in the worker, so each worker writes 12 bytes per pixel where ours writes 3."""
 
-    def __init__(self, table: data.FundusTable, size: int):
+    def __init__(self, table: dataloader.FundusTable, size: int):
         from torchvision import transforms as T
 
         self.table = table
         self.transform = T.Compose([T.Resize(size), T.CenterCrop(size), T.RandomHorizontalFlip(),
                                     T.RandomVerticalFlip(), T.ToTensor(),
-                                    T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+                                    T.Normalize(dataloader.IMAGENET_MEAN, dataloader.IMAGENET_STD)])
 
     def __len__(self):
         return len(self.table)
@@ -106,17 +107,17 @@ class LabStyleDataset(Dataset):
             return self.transform(img.convert("RGB")), int(self.table.grades[i])
 
 
-class CpuRotationDataset(data.FundusDataset):
+class CpuRotationDataset(dataloader.FundusDataset):
     """Our uint8 pipeline plus a random rotation on the CPU: what moving rotation to the device saves."""
 
     def __getitem__(self, i):
-        img = data.load_square(str(self.table.paths[i]), self.image_size)
+        img = dataloader.load_square(str(self.table.paths[i]), self.image_size)
         img = img.rotate(float(np.random.uniform(0, 360)), resample=Image.BILINEAR)
-        return data.to_uint8_chw(img), int(self.table.grades[i])
+        return dataloader.to_uint8_chw(img), int(self.table.grades[i])
 
 
 # --------------------------------------------------------------------------- input pipeline
-def bench_input_pipeline(fundus: data.FundusData, size: int, rounds: int) -> dict:
+def bench_input_pipeline(fundus: dataloader.FundusData, size: int, rounds: int) -> dict:
     """Images per second in one process (= per loader worker) on the same files."""
     table = fundus.train
     paths = [str(p) for p in table.paths]
@@ -133,12 +134,12 @@ def bench_input_pipeline(fundus: data.FundusData, size: int, rounds: int) -> dic
         for i in range(0, len(paths), 32):
             torch.from_numpy(np.stack([decode(p) for p in paths[i:i + 32]]))
 
-    ours = data.FundusDataset(table, size)
+    ours = dataloader.FundusDataset(table, size)
 
     def run(dataset):
         # through a DataLoader in this process, so batching (collation) is counted too
         loader = torch.utils.data.DataLoader(dataset, batch_size=32, num_workers=0,
-                                             collate_fn=data.collate_fundus if isinstance(dataset, data.FundusDataset)
+                                             collate_fn=dataloader.collate_fundus if isinstance(dataset, dataloader.FundusDataset)
                                              else None)
         return lambda: [batch for batch in loader]
 
@@ -158,16 +159,11 @@ def bench_input_pipeline(fundus: data.FundusData, size: int, rounds: int) -> dic
 class DeviceBatches:
     """Synthetic uint8 batches already on the device: the model's own speed, no input pipeline."""
 
-    class _Sampler:
-        def set_epoch(self, epoch):
-            pass
-
     def __init__(self, batches: int, batch_size: int, size: int, device: torch.device):
         g = torch.Generator(device="cpu").manual_seed(0)
         self.data = [(torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, generator=g).to(device),
                       torch.randint(0, 5, (batch_size,), generator=g).to(device)) for _ in range(min(batches, 4))]
         self.batches = batches
-        self.sampler = self._Sampler()
 
     def __len__(self):
         return self.batches
@@ -178,26 +174,26 @@ class DeviceBatches:
 
 def ours_train_rate(arch: str, loader, device: torch.device, amp: bool, channels_last: bool, compile: bool,
                     epochs: int = 2) -> float:
-    """Images/s of train.train_one_epoch, the code train.py runs, in its last epoch."""
-    args = argparse.Namespace(grad_accum_steps=1, skip_bad_images=False, seed=0, lr=1e-3, amp=amp)
+    """Images/s of optimisation.train_one_epoch, the code train.py runs, in its last epoch."""
     model = models.build_model(arch).to(device, memory_format=torch.channels_last if channels_last
                                         else torch.contiguous_format)
     run_model = torch.compile(model) if compile else model
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    amp_dtype, fp16 = train.precision(args, device)
+    optimizer = optimisation.build_optimizer("sgd", model, lr=1e-3, momentum=0.9, weight_decay=5e-4)
+    scheduler = optimisation.build_scheduler(optimizer, "constant", warmup_epochs=0, epochs=epochs,
+                                             steps_per_epoch=len(loader))
+    amp_dtype, fp16 = precision(amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)
-    transform = data.BatchTransform(device, augment=True, channels_last=channels_last)
-    stop = argparse.Namespace(requested=lambda env, device: False)
+    transform = dataloader.BatchTransform(device, augment=True, channels_last=channels_last)
     stats = None
     for epoch in range(1, epochs + 1):
-        stats = train.train_one_epoch(run_model, loader, transform, torch.nn.CrossEntropyLoss(), optimizer,
-                                      scheduler, scaler, train.autocast(device, amp_dtype), device, epoch, args,
-                                      train.Dist(), stop, torch.Generator(device=device), show=False)
+        if hasattr(loader, "sampler"):
+            loader.sampler.set_epoch(epoch)
+        stats = optimisation.train_one_epoch(run_model, loader, transform, torch.nn.CrossEntropyLoss(), optimizer,
+                                             scheduler, scaler, autocast(device, amp_dtype), epoch, aug_seed=epoch)
     return stats["images_per_s"]
 
 
-def lab_train_rate(arch: str, table: data.FundusTable, size: int, device: torch.device, workers: int,
+def lab_train_rate(arch: str, table: dataloader.FundusTable, size: int, device: torch.device, workers: int,
                    epochs: int = 2) -> float:
     """The lab's loop: float batches of 4 from the CPU, NCHW, fp32, loss.item() every step."""
     loader = torch.utils.data.DataLoader(LabStyleDataset(table, size), batch_size=4, shuffle=True,
@@ -222,7 +218,7 @@ def lab_train_rate(arch: str, table: data.FundusTable, size: int, device: torch.
     return rate
 
 
-def loader_rate(table: data.FundusTable, size: int, batch: int, workers: int, device: torch.device,
+def loader_rate(table: dataloader.FundusTable, size: int, batch: int, workers: int, device: torch.device,
                 epochs: int = 2) -> float:
     """Images/s of the input pipeline alone, batches moved to the device and nothing else: the ceiling
     that training with the real pipeline can reach."""
@@ -239,12 +235,12 @@ def loader_rate(table: data.FundusTable, size: int, batch: int, workers: int, de
     return rate
 
 
-def real_loader(table: data.FundusTable, size: int, batch: int, workers: int, device: torch.device):
-    return data.build_loader(data.FundusDataset(table, size), batch, data.train_sampler(table.grades, "shuffle", 1,
+def real_loader(table: dataloader.FundusTable, size: int, batch: int, workers: int, device: torch.device):
+    return dataloader.build_loader(dataloader.FundusDataset(table, size), batch, dataloader.train_sampler(table.grades, "shuffle", 1,
                                                                                            0, 0), workers, device)
 
 
-def bench_training_cpu(fundus: data.FundusData, archs, size: int, batch: int, workers: int) -> dict:
+def bench_training_cpu(fundus: dataloader.FundusData, archs, size: int, batch: int, workers: int) -> dict:
     device, out = torch.device("cpu"), {}
     for arch in archs:
         lab = lab_train_rate(arch, fundus.train, size, device, workers)
@@ -258,30 +254,36 @@ def bench_training_cpu(fundus: data.FundusData, archs, size: int, batch: int, wo
 
 
 # --------------------------------------------------------------------------- ours vs torchvision
-def step_time(model, x, y) -> float:
+def step_time(model, optimizer, x, y) -> float:
+    """One real training step, timed to its end: cross-entropy, backward, SGD step."""
     start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
     F.cross_entropy(model(x), y).backward()
+    optimizer.step()
     sync(x.device)
     return time.perf_counter() - start
 
 
 def bench_models(archs, size: int, batch: int, rounds: int, device: torch.device, amp: bool) -> dict:
-    """Forward+backward time of ours and torchvision's, interleaved so drifts in clock or load hit both."""
+    """Training-step time of ours and torchvision's with the same weights (and so the same arithmetic,
+    denormals included: two different random initialisations once timed 1.28x apart on an AMD EPYC),
+    the steps interleaved so that drifts in clock or load hit both."""
     out = {}
-    ctx = train.autocast(device, torch.bfloat16 if amp else None)
+    ctx = autocast(device, torch.bfloat16 if amp else None)
     for arch in archs:
         torch.manual_seed(0)
         ours = models.build_model(arch).to(device, memory_format=torch.channels_last)
         theirs = getattr(torchvision.models, arch)(num_classes=5).to(device, memory_format=torch.channels_last)
         theirs.load_state_dict(ours.state_dict())
+        steps = {name: (m, torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4))
+                 for name, m in (("ours", ours), ("torchvision", theirs))}
         x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, 5, (batch,), device=device)
         times = {"ours": [], "torchvision": []}
         with ctx:
             for r in range(rounds + 2):
-                for name, m in (("ours", ours), ("torchvision", theirs)) if r % 2 else (("torchvision", theirs),
-                                                                                      ("ours", ours)):
-                    t = step_time(m, x, y)
+                for name in ("ours", "torchvision") if r % 2 else ("torchvision", "ours"):
+                    t = step_time(*steps[name], x, y)
                     if r >= 2:  # two warm-up rounds
                         times[name].append(t)
         o, t = statistics.median(times["ours"]), statistics.median(times["torchvision"])
@@ -290,15 +292,15 @@ def bench_models(archs, size: int, batch: int, rounds: int, device: torch.device
 
 
 # --------------------------------------------------------------------------- evaluation
-def bench_eval(table: data.FundusTable, arch: str, size: int, batch: int, workers: int,
+def bench_eval(table: dataloader.FundusTable, arch: str, size: int, batch: int, workers: int,
                device: torch.device, amp: bool) -> dict:
     model = models.build_model(arch).to(device, memory_format=torch.channels_last).eval()
-    loader = data.build_loader(data.FundusDataset(table, size), batch, data.ShardSampler(len(table)), workers, device)
-    transform = data.BatchTransform(device, augment=False, channels_last=True)
-    ctx = train.autocast(device, torch.bfloat16 if amp else None)
+    loader = dataloader.build_loader(dataloader.FundusDataset(table, size), batch, dataloader.ShardSampler(len(table)), workers, device)
+    transform = dataloader.BatchTransform(device, augment=False, channels_last=True)
+    ctx = autocast(device, torch.bfloat16 if amp else None)
     out = {}
     for tta in (False, True):
-        rate = median_rate(lambda: (train.predict(model, loader, transform, device, ctx, tta=tta), sync(device)),
+        rate = median_rate(lambda: (evaluate.predict(model, loader, transform, ctx, tta=tta), sync(device)),
                            len(table), rounds=2)
         out["tta" if tta else "plain"] = rate
     return out
@@ -359,7 +361,7 @@ def bench_cuda(work: Path, quick: bool, save) -> dict:
     # TF32 on for every row, the lab-style one too: the rows differ only in what each names
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     size, batch = (128, 16) if quick else (512, 64)
-    workers = data.default_workers()
+    workers = dataloader.default_workers()
     fundus = demo_set(work / "cuda", n_train=96 if quick else 2560, size=size)
     lab_table = fundus.train.subset(np.arange(32 if quick else 400), "bench")
     steps = 4 if quick else 30
@@ -439,7 +441,7 @@ def report_cpu(r: dict) -> str:
                        [[a, f"{v['lab_style']:.1f}", f"{v['ours']:.1f}", f"{v['ratio']:.2f}x",
                          f"{v['ours_nchw']:.1f}", f"{v['ratio_nchw']:.2f}x"] for a, v in t.items()]))
     m = r["models"]
-    parts.append(table(f"Hand-written vs torchvision, forward+backward, batch {r['model_batch']} at "
+    parts.append(table(f"Hand-written vs torchvision, one SGD training step with the same weights, batch {r['model_batch']} at "
                        f"{r['model_size']} px, fp32 channels_last", ["model", "ours ms", "torchvision ms", "ratio"],
                        [[a, f"{v['ours_ms']:.1f}", f"{v['torchvision_ms']:.1f}", f"{v['ratio']:.3f}"]
                         for a, v in m.items()]))
@@ -473,7 +475,7 @@ def report_cuda(r: dict) -> str:
     parts.append(table("CUDA ratios", ["model", "ours (real pipeline) vs lab-style", "real pipeline vs synthetic",
                                        "bf16 vs fp32", "channels_last vs NCHW", "compile vs eager"], rows))
     if c.get("models"):
-        parts.append(table("CUDA forward+backward, ours vs torchvision (bf16, channels_last)",
+        parts.append(table("CUDA training step, ours vs torchvision with the same weights (bf16, channels_last)",
                            ["model", "ours ms", "torchvision ms", "ratio"],
                            [[a, f"{v['ours_ms']:.1f}", f"{v['torchvision_ms']:.1f}", f"{v['ratio']:.3f}"]
                             for a, v in c["models"].items()]))
@@ -505,10 +507,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     command = "python bench.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     if args.cuda and not torch.cuda.is_available():
-        from errors import UserError
-
         raise UserError("--cuda: no CUDA device is visible here")
-    workers = args.workers if args.workers is not None else data.default_workers()
+    workers = args.workers if args.workers is not None else dataloader.default_workers()
     result = {"machine": machine(), "command": command, "workers": workers}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         work = Path(tmp)

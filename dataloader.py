@@ -21,19 +21,17 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from errors import UserError
-from runtime import worker_signals
+from fundus import IMAGE_EXTENSIONS
+from runtime import NUM_GRADES, UserError, worker_signals
 
 # Decoded pixels arrive as read-only numpy arrays; torch warns when it wraps one. Nothing writes to
 # them in place (BatchTransform makes a float copy first), and copying to silence it costs time.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
-NUM_GRADES = 5
-GRADE_NAMES = ("No DR", "Mild", "Moderate", "Severe", "Proliferative")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
-LAB_FILES = ("train_img.csv", "train_label.csv", "test_img.csv", "test_label.csv")
+# The lab layout: per split, image names and grades, one value a line, no header row.
+LAB_FILES = {"train": ("train_img.csv", "train_label.csv"), "test": ("test_img.csv", "test_label.csv")}
 # Labels tables with a header: Kaggle EyePACS trainLabels.csv and APTOS 2019 train.csv.
 LABEL_TABLES = {"trainLabels.csv": ("image", "level"), "train.csv": ("id_code", "diagnosis")}
 DEFAULT_DATA_ROOT = Path("data")
@@ -131,12 +129,12 @@ def resolve_paths(names: list[str], images: dict[str, str], image_dir: Path, sou
     if missing:
         shown = ", ".join(missing[:5])
         raise UserError(f"{len(missing)} of {len(names)} images listed in {source} are missing from {image_dir} "
-                        f"(first: {shown}); expected <name>.jpeg, .jpg or .png there")
+                        f"(first: {shown}); expected <name> with one of {', '.join(IMAGE_EXTENSIONS)} there")
     return np.array([images[n] for n in names])
 
 
 def read_lab_split(root: Path, split: str, images: dict[str, str], image_dir: Path) -> FundusTable:
-    img_csv, label_csv = root / f"{split}_img.csv", root / f"{split}_label.csv"
+    img_csv, label_csv = (root / name for name in LAB_FILES[split])
     names, labels = read_column(img_csv), read_column(label_csv)
     if len(names) != len(labels):
         raise UserError(f"{img_csv} lists {len(names)} images but {label_csv} lists {len(labels)} grades; "
@@ -186,7 +184,7 @@ def find_labels_table(root: Path) -> Path | None:
 
 
 def holds_dataset(root: Path) -> bool:
-    return (root / LAB_FILES[0]).is_file() or find_labels_table(root) is not None
+    return (root / LAB_FILES["train"][0]).is_file() or find_labels_table(root) is not None
 
 
 def default_image_dir(root: Path) -> Path:
@@ -217,8 +215,9 @@ def load_fundus_data(data_root: str | os.PathLike | None = None, image_dir: str 
         if not root.is_dir():
             raise UserError(f"--data-root {root} does not exist")
         if not holds_dataset(root):
-            raise UserError(f"--data-root {root} holds no dataset: expected the lab's train_img.csv, "
-                            f"train_label.csv, test_img.csv, test_label.csv, or {' or '.join(LABEL_TABLES)}")
+            lab = ", ".join(name for pair in LAB_FILES.values() for name in pair)
+            raise UserError(f"--data-root {root} holds no dataset: expected the lab's {lab}, "
+                            f"or {' or '.join(LABEL_TABLES)}")
     if layout is None:
         import synthetic
 
@@ -227,7 +226,7 @@ def load_fundus_data(data_root: str | os.PathLike | None = None, image_dir: str 
     image_dir = Path(image_dir) if image_dir is not None else default_image_dir(root)
     images = index_images(image_dir)
     table = find_labels_table(root)
-    if (root / LAB_FILES[0]).is_file():
+    if (root / LAB_FILES["train"][0]).is_file():
         train = read_lab_split(root, "train", images, image_dir)
         test = read_lab_split(root, "test", images, image_dir)
         layout = layout or "lab"

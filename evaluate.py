@@ -17,19 +17,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, cohen_kappa_score, confusion_matrix, f1_score, \
     precision_recall_fscore_support
 
-import dataloader as data
+import dataloader
+import fundus
 import models
-import train
-from errors import UserError, exit_on_user_error
+from runtime import (GRADE_NAMES, NUM_GRADES, Parser, UserError, autocast, choose_device, exit_on_user_error,
+                     is_pretrained, load_checkpoint, memory_format, precision, progress, restore_model)
 
-GRADES = list(range(data.NUM_GRADES))
+GRADES = list(range(NUM_GRADES))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = train.Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+    p = Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="a .pt file written by train.py")
     p.add_argument("--data-root", default=None, help="dataset folder (default: the one the run trained on)")
@@ -51,6 +54,56 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --images: a Grad-CAM figure per photo, beside a copy of it, in DIR")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+# --------------------------------------------------------------------------- inference
+@torch.inference_mode()
+def softmax_over_views(model, x: torch.Tensor, autocast_ctx, tta: bool) -> torch.Tensor:
+    """Class probabilities of a normalised batch; with tta, averaged over its 8 flips and quarter turns."""
+    views = dataloader.dihedral_views(x) if tta else [x]
+    with autocast_ctx:
+        return torch.stack([F.softmax(model(v).float(), dim=1) for v in views]).mean(0)
+
+
+@torch.inference_mode()
+def predict(model, loader, transform, autocast_ctx, tta: bool = False, desc: str = "test",
+            show: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probabilities [N, 5] float32, grades [N]) of this process's shard, on the CPU. With tta, the
+    softmax is averaged over the 8 flips and quarter turns of each image."""
+    model.eval()
+    device = next(model.parameters()).device
+    log_probs, grades = [], []
+    for images, batch_grades in progress(loader, len(loader), desc, show):
+        probs = softmax_over_views(model, transform(images.to(device, non_blocking=True)), autocast_ctx, tta)
+        log_probs.append(probs.clamp_min(1e-12).log().cpu())
+        grades.append(batch_grades)
+    return torch.cat(log_probs), torch.cat(grades)
+
+
+def gather_shards(tensor: torch.Tensor) -> torch.Tensor:
+    """Under DDP, every rank's evaluation shard in the original order (undoing ShardSampler's
+    rank::world interleaving); the tensor itself in a single process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    world = dist.get_world_size()
+    shards = [None] * world
+    dist.all_gather_object(shards, tensor)
+    out = torch.empty((sum(len(s) for s in shards), *tensor.shape[1:]), dtype=tensor.dtype)
+    for rank, shard in enumerate(shards):
+        out[rank::world] = shard
+    return out
+
+
+def evaluate_split(model, loader, transform, autocast_ctx, desc: str, show: bool) -> dict:
+    """Loss, accuracy and quadratic kappa over a whole split (all ranks), as train.py logs them each epoch;
+    images skipped as unreadable (grade -1) are counted, not scored."""
+    log_probs, grades = predict(model, loader, transform, autocast_ctx, desc=desc, show=show)
+    log_probs, grades = gather_shards(log_probs), gather_shards(grades)
+    keep = grades >= 0
+    log_probs, grades = log_probs[keep], grades[keep]
+    metrics = grading_metrics(grades.numpy(), log_probs.argmax(1).numpy())
+    return {"loss": F.nll_loss(log_probs, grades).item(), "acc": metrics["accuracy"], "kappa": metrics["kappa"],
+            "skipped": int((~keep).sum())}
 
 
 # --------------------------------------------------------------------------- metrics
@@ -75,7 +128,7 @@ def format_report(metrics: dict) -> str:
              f"{'grade':<18}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}"]
     for g in GRADES:
         c = metrics["per_class"][str(g)]
-        lines.append(f"{g} {data.GRADE_NAMES[g]:<16}{c['precision']:>10.3f}{c['recall']:>10.3f}{c['f1']:>10.3f}"
+        lines.append(f"{g} {GRADE_NAMES[g]:<16}{c['precision']:>10.3f}{c['recall']:>10.3f}{c['f1']:>10.3f}"
                      f"{c['support']:>10}")
     matrix = np.asarray(metrics["confusion_matrix"])
     rows = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
@@ -88,35 +141,30 @@ def format_report(metrics: dict) -> str:
 # --------------------------------------------------------------------------- model and data
 def load_model(checkpoint: dict, path, device: torch.device) -> torch.nn.Module:
     """The checkpoint's architecture with its weights, in eval mode; a mismatch is one sentence."""
-    arch = checkpoint["arch"]
-    model = models.build_model(arch, checkpoint.get("num_classes", data.NUM_GRADES))
-    try:
-        model.load_state_dict(checkpoint["model"], strict=True)
-    except RuntimeError as err:
-        detail = str(err).strip().splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
-        raise UserError(f"{path} says arch {arch} but its weights do not fit {arch} ({detail[:160]})") from None
-    memory_format = torch.channels_last if checkpoint["config"].get("channels_last", True) else torch.contiguous_format
-    return model.to(device, memory_format=memory_format).eval()
+    model = models.build_model(checkpoint["arch"], checkpoint.get("num_classes", NUM_GRADES))
+    restore_model(model, checkpoint, path)
+    channels_last = checkpoint["config"].get("channels_last", True)
+    return model.to(device, memory_format=memory_format(channels_last)).eval()
 
 
 def inference_setup(checkpoint: dict, source, device: torch.device):
     """(model, eval transform, autocast context) as the run used them: one place for all three."""
     config = checkpoint["config"]
-    amp_dtype, _ = train.precision(argparse.Namespace(amp=config.get("amp")), device)
-    transform = data.BatchTransform(device, augment=False, channels_last=config.get("channels_last", True))
-    return load_model(checkpoint, source, device), transform, train.autocast(device, amp_dtype)
+    amp_dtype, _ = precision(config.get("amp"), device)
+    transform = dataloader.BatchTransform(device, augment=False, channels_last=config.get("channels_last", True))
+    return load_model(checkpoint, source, device), transform, autocast(device, amp_dtype)
 
 
-def split_table(checkpoint: dict, args) -> data.FundusTable:
+def split_table(checkpoint: dict, args) -> dataloader.FundusTable:
     config, recorded = checkpoint["config"], checkpoint.get("data", {})
     root = args.data_root if args.data_root is not None else recorded.get("root", config.get("data_root"))
     image_dir = args.image_dir if args.image_dir is not None else (
         recorded.get("image_dir") if args.data_root is None else None)
-    if args.data_root is None and recorded.get("layout") == "demo" and Path(root) == data.DEMO_ROOT:
+    if args.data_root is None and recorded.get("layout") == "demo" and Path(root) == dataloader.DEMO_ROOT:
         import synthetic
 
         synthetic.ensure_demo(root)  # deterministic: regenerated identical when deleted
-    fundus = data.load_fundus_data(root, image_dir, config.get("test_fraction", 0.2),
+    fundus = dataloader.load_fundus_data(root, image_dir, config.get("test_fraction", 0.2),
                                    config.get("val_fraction", 0.0), config.get("split_seed", 0))
     table = getattr(fundus, args.split)
     if table is None:
@@ -124,13 +172,13 @@ def split_table(checkpoint: dict, args) -> data.FundusTable:
     return table
 
 
-def evaluate_checkpoint(checkpoint: dict, table: data.FundusTable, device: torch.device, batch_size: int,
+def evaluate_checkpoint(checkpoint: dict, table: dataloader.FundusTable, device: torch.device, batch_size: int,
                         workers: int, tta: bool, show: bool = False) -> tuple[dict, np.ndarray]:
     """Metrics over the table, and the softmax probabilities [N, 5] (NaN rows for skipped images)."""
     model, transform, ctx = inference_setup(checkpoint, table.source, device)
-    dataset = data.FundusDataset(table, checkpoint["image_size"], checkpoint["config"].get("skip_bad_images", False))
-    loader = data.build_loader(dataset, batch_size, data.ShardSampler(len(dataset)), workers, device)
-    log_probs, grades = train.predict(model, loader, transform, device, ctx, tta=tta, desc="evaluate", show=show)
+    dataset = dataloader.FundusDataset(table, checkpoint["image_size"], checkpoint["config"].get("skip_bad_images", False))
+    loader = dataloader.build_loader(dataset, batch_size, dataloader.ShardSampler(len(dataset)), workers, device)
+    log_probs, grades = predict(model, loader, transform, ctx, tta=tta, desc="evaluate", show=show)
     probs = log_probs.exp().numpy()
     keep = grades.numpy() >= 0
     probs[~keep] = np.nan
@@ -138,9 +186,6 @@ def evaluate_checkpoint(checkpoint: dict, table: data.FundusTable, device: torch
 
 
 # --------------------------------------------------------------------------- new photographs
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp"}
-
-
 def collect_images(paths: list[str]) -> list[Path]:
     """Files as given (any name: a file that is no image is reported when it fails to decode), and
     the image files directly inside folders, sorted."""
@@ -148,13 +193,13 @@ def collect_images(paths: list[str]) -> list[Path]:
     for name in paths:
         path = Path(name)
         if path.is_dir():
-            found += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            found += fundus.image_files(path)
         elif path.is_file():
             found.append(path)
         else:
             raise UserError(f"--images {path}: no such file or folder")
     if not found:
-        raise UserError(f"--images {' '.join(paths)}: no image files there ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise UserError(f"--images {' '.join(paths)}: no image files there ({', '.join(fundus.IMAGE_EXTENSIONS)})")
     return found
 
 
@@ -173,18 +218,16 @@ class PhotoDataset(torch.utils.data.Dataset):
     def load(self, path: Path):
         from PIL import Image
 
-        from data.prepare import ben_graham, crop_eye, is_eye_crop  # the folder data/, not dataloader
-
         with Image.open(path) as img:
             img.load()
-        if is_eye_crop(img):
-            return data.load_square(str(path), self.size)
-        crop = crop_eye(img, self.size)
-        return ben_graham(crop) if self.ben_graham else crop
+        if fundus.is_eye_crop(img):
+            return dataloader.load_square(str(path), self.size)
+        crop = fundus.crop_eye(img, self.size)
+        return fundus.ben_graham(crop) if self.ben_graham else crop
 
     def __getitem__(self, i):
         try:
-            return data.to_uint8_chw(self.load(self.paths[i])), i
+            return dataloader.to_uint8_chw(self.load(self.paths[i])), i
         except (OSError, ValueError, SyntaxError):  # PIL's errors for files that are no image
             return torch.zeros(self.size, self.size, 3, dtype=torch.uint8).permute(2, 0, 1), -1 - i
 
@@ -208,16 +251,16 @@ def predict_photos(checkpoint: dict, paths: list[Path], device: torch.device, ba
     model, transform, ctx = inference_setup(checkpoint, paths[0], device)
     prepared = checkpoint.get("data", {}).get("prepare") or {}
     dataset = PhotoDataset(paths, checkpoint["image_size"], prepared.get("ben_graham", False))
-    loader = data.build_loader(dataset, batch_size, data.ShardSampler(len(dataset)), workers, device)
+    loader = dataloader.build_loader(dataset, batch_size, dataloader.ShardSampler(len(dataset)), workers, device)
     rows, skipped = [], []
-    for images, index in train.progress(loader, len(loader), "grade", show):
+    for images, index in progress(loader, len(loader), "grade", show):
         skipped += [paths[-1 - i] for i in index.tolist() if i < 0]
         keep = index >= 0
         if not keep.any():
             continue
         images, index = images[keep], index[keep]
         x = transform(images.to(device, non_blocking=True))
-        probs = train.softmax_over_views(model, x, ctx, tta).cpu()
+        probs = softmax_over_views(model, x, ctx, tta).cpu()
         grades = probs.argmax(1)
         if cam_dir is not None:
             cams = grad_cam(model, x, grades.to(device)).cpu()
@@ -239,19 +282,19 @@ def save_cam(source: Path, image: torch.Tensor, cam: torch.Tensor, grade: int, c
     cam_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy2(source, cam_dir / source.name)
     out = cam_dir / f"{source.stem}_cam.png"
-    title = f"{source.name}: grade {grade} ({data.GRADE_NAMES[grade]}), confidence {confidence:.0%}"
+    title = f"{source.name}: grade {grade} ({GRADE_NAMES[grade]}), confidence {confidence:.0%}"
     plot.plot_cam(image.permute(1, 2, 0).numpy(), cam.numpy(), out, title)
     return out
 
 
-def cam_samples(checkpoint: dict, table: data.FundusTable, per_grade: int, device: torch.device) -> dict:
+def cam_samples(checkpoint: dict, table: dataloader.FundusTable, per_grade: int, device: torch.device) -> dict:
     """Grad-CAMs of the first `per_grade` images of each true grade (CSV order), for the contact sheet."""
     picks = np.concatenate([np.flatnonzero(table.grades == g)[:per_grade] for g in GRADES])
     model, transform, ctx = inference_setup(checkpoint, table.source, device)
-    dataset = data.FundusDataset(table.subset(picks, table.source), checkpoint["image_size"])
-    images, grades = data.collate_fundus([dataset[i] for i in range(len(dataset))])
+    dataset = dataloader.FundusDataset(table.subset(picks, table.source), checkpoint["image_size"])
+    images, grades = dataloader.collate_fundus([dataset[i] for i in range(len(dataset))])
     x = transform(images.to(device))
-    probs = train.softmax_over_views(model, x, ctx, tta=False).cpu()
+    probs = softmax_over_views(model, x, ctx, tta=False).cpu()
     preds = probs.argmax(1)
     cams = grad_cam(model, x, preds.to(device)).cpu()
     return {"images": images.permute(0, 2, 3, 1).numpy(), "cams": cams.numpy().astype(np.float16),
@@ -267,7 +310,7 @@ def grade_photos(args, checkpoint: dict, device: torch.device, workers: int) -> 
                                     show=not args.quiet)
     for row in table.itertuples():
         probs = " ".join(f"{getattr(row, f'p{g}'):.3f}" for g in GRADES)
-        print(f"{row.path}\tgrade {row.grade} ({data.GRADE_NAMES[row.grade]})\tconfidence {row.confidence:.1%}"
+        print(f"{row.path}\tgrade {row.grade} ({GRADE_NAMES[row.grade]})\tconfidence {row.confidence:.1%}"
               f"\tp0-p4 {probs}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -287,7 +330,7 @@ def evaluate_split_command(args, checkpoint: dict, device: torch.device, workers
                                      show=not args.quiet)
     stem = f"{run_name}_tta" if args.tta else run_name
     result = {"run_name": run_name, "arch": checkpoint["arch"],
-              "pretrained": train.is_pretrained(checkpoint["config"]),
+              "pretrained": is_pretrained(checkpoint["config"]),
               "checkpoint": str(args.checkpoint), "epoch": checkpoint["epoch"], "split": args.split,
               "num_images": int(sum(c["support"] for c in metrics["per_class"].values())),
               "tta": args.tta, **metrics}
@@ -317,9 +360,9 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError("--batch-size must be at least 1")
     if args.cam and not args.images:
         raise UserError("--cam needs --images (for a split, --cam-per-grade feeds plot.py's contact sheet)")
-    checkpoint = train.load_checkpoint(args.checkpoint)
-    device = train.choose_device(args.device)
-    workers = args.workers if args.workers is not None else data.default_workers()
+    checkpoint = load_checkpoint(args.checkpoint)
+    device = choose_device(args.device)
+    workers = args.workers if args.workers is not None else dataloader.default_workers()
     if args.images:
         grade_photos(args, checkpoint, device, workers)
     else:

@@ -14,9 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from errors import UserError
-
-NUM_GRADES = 5
+from runtime import NUM_GRADES, UserError
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:

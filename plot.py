@@ -20,10 +20,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from errors import UserError, exit_on_user_error  # noqa: E402
+from runtime import GRADE_NAMES, LOG_COLUMNS, Parser, UserError, exit_on_user_error  # noqa: E402
 
-GRADE_NAMES = ["No DR", "Mild", "Moderate", "Severe", "Proliferative"]
-CSV_COLUMNS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "test_kappa", "images_per_s"]
 ARCH_ORDER = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 DPI = 150
 RC = {"font.size": 11, "axes.titlesize": 13, "axes.labelsize": 12, "legend.fontsize": 10}
@@ -71,7 +69,7 @@ def _read_history(csv_path: Path) -> pd.DataFrame:
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise UserError(f"{csv_path} is not a readable CSV ({_one_line(err)}); rerun the training "
                         "or move the run's files out of the log folder.") from None
-    missing = [c for c in CSV_COLUMNS if c not in history.columns]
+    missing = [c for c in LOG_COLUMNS if c not in history.columns]
     if missing:
         raise UserError(f"{csv_path} lacks the column(s) {', '.join(missing)}, so it is not a "
                         "per-epoch log from train.py.")
@@ -392,7 +390,7 @@ def write_summary(runs: list[dict], evals: list[dict], out_dir) -> Path:
 # ---------------------------------------------------------------- command line
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Accuracy curves, confusion matrices and a summary "
+    parser = Parser(description="Accuracy curves, confusion matrices and a summary "
                                      "table from train.py and evaluate.py logs.")
     parser.add_argument("logdir", nargs="?", default="logs",
                         help="folder with <run>.csv, <run>.json and *_eval.json (default: logs)")

@@ -1,7 +1,7 @@
 """The demo set: synthetic fundus photographs whose lesions grow with the retinopathy grade.
 
 Every command of the repo must run on a fresh machine with no download, so this file draws a small
-data set in the lab layout (DESIGN.md, format 1): an orange-red retina with an optic disc, vessels and
+data set in the lab layout (dataloader.LAB_FILES): an orange-red retina with an optic disc, vessels and
 a macula, then the lesions of the International Clinical DR scale added grade by grade: microaneurysms
 (1), blot haemorrhages and hard exudates (2), many of both plus cotton-wool spots (3), new vessels and
 pre-retinal haemorrhage (4). Lesion counts overlap between neighbouring grades, as in real photographs,
@@ -24,12 +24,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from runtime import map_in_processes
+from dataloader import LAB_FILES, read_column
+from runtime import UserError, map_in_processes
 
 GRADE_MIX = (0.73, 0.07, 0.15, 0.025, 0.025)
 DEMO_DEFAULTS = dict(n_train=1200, n_test=300, size=128, seed=0)
-SPLITS = ("train", "test")
-CSV_NAMES = tuple(f"{split}_{column}.csv" for split in SPLITS for column in ("img", "label"))
 # Written beside the CSVs so that generate_demo only ever replaces a folder it wrote itself:
 # a lab-layout folder of real photographs looks the same otherwise.
 MARKER = "SYNTHETIC_DEMO.txt"
@@ -359,9 +358,9 @@ def draw_images(images_dir: Path, splits: list, size: int, seed: int, workers: i
 
 
 def write_csvs(folder: Path, splits: list) -> None:
-    for split, rows in zip(SPLITS, splits):
-        (folder / f"{split}_img.csv").write_text("".join(f"{name}\n" for name, _ in rows))
-        (folder / f"{split}_label.csv").write_text("".join(f"{grade}\n" for _, grade in rows))
+    for (img_csv, label_csv), rows in zip(LAB_FILES.values(), splits):
+        (folder / img_csv).write_text("".join(f"{name}\n" for name, _ in rows))
+        (folder / label_csv).write_text("".join(f"{grade}\n" for _, grade in rows))
 
 
 def check_arguments(n_train, n_test, size, seed, workers) -> None:
@@ -432,21 +431,18 @@ def generate_demo(root, n_train=1200, n_test=300, size=128, seed=0, workers=None
     return root
 
 
-def read_column(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-
-
 def demo_is_complete(root) -> bool:
     """True when root holds the four CSVs and every image they list."""
     root = Path(root)
-    if not all((root / name).is_file() for name in CSV_NAMES):
+    try:
+        for img_csv, label_csv in LAB_FILES.values():
+            names = read_column(root / img_csv)
+            if not names or len(names) != len(read_column(root / label_csv)):
+                return False
+            if not all((root / "images" / f"{name}.jpeg").is_file() for name in names):
+                return False
+    except UserError:  # a CSV missing or unreadable
         return False
-    for split in SPLITS:
-        names = read_column(root / f"{split}_img.csv")
-        if not names or len(names) != len(read_column(root / f"{split}_label.csv")):
-            return False
-        if not all((root / "images" / f"{name}.jpeg").is_file() for name in names):
-            return False
     return True
 
 

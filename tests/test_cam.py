@@ -8,6 +8,8 @@ from PIL import Image
 import evaluate
 import plot
 import synthetic
+import dataloader
+import runtime
 import train
 
 CELL, GRID = 32, 3  # 96 px images; the last residual stage of a ResNet sees them as 3 x 3 cells
@@ -41,15 +43,15 @@ def test_grad_cam_peaks_inside_the_patch(tmp_path):
     train.main(["--data-root", str(tmp_path / "patch"), "--image-size", str(GRID * CELL), "--epochs", "4",
                 "--optimizer", "adamw", "--lr", "1e-3", "--no-augment", "--batch-size", "16", "--workers", "0",
                 "--checkpoint-dir", str(tmp_path / "ck"), "--log-dir", str(tmp_path / "logs"), "--quiet"])
-    checkpoint = train.load_checkpoint(tmp_path / "ck" / "resnet18_scratch" / "last.pt")
+    checkpoint = runtime.load_checkpoint(tmp_path / "ck" / "resnet18_scratch" / "last.pt")
     model = evaluate.load_model(checkpoint, "test", torch.device("cpu"))
     names = [n for n in cells if n.startswith("test")][:10]
     # loaded as the training data was: PhotoDataset would crop these non-fundus images to the patch
-    table = evaluate.data.FundusTable(np.array([str(tmp_path / "patch" / "images" / f"{n}.png") for n in names]),
+    table = dataloader.FundusTable(np.array([str(tmp_path / "patch" / "images" / f"{n}.png") for n in names]),
                                       np.full(len(names), 2), "test")
-    dataset = evaluate.data.FundusDataset(table, GRID * CELL)
+    dataset = dataloader.FundusDataset(table, GRID * CELL)
     images = torch.stack([dataset[i][0] for i in range(len(names))])
-    x = evaluate.data.BatchTransform(torch.device("cpu"), augment=False)(images)
+    x = dataloader.BatchTransform(torch.device("cpu"), augment=False)(images)
     with torch.no_grad():
         preds = model(x).argmax(1)
     assert (preds == 2).sum() >= 9, preds
@@ -73,8 +75,8 @@ def demo_run(tmp_path_factory):
 
 def test_images_one_by_one_equal_the_batch_evaluation(demo_run, tmp_path):
     out, root, ckpt = demo_run
-    checkpoint = train.load_checkpoint(ckpt)
-    table = evaluate.data.load_fundus_data(root).test
+    checkpoint = runtime.load_checkpoint(ckpt)
+    table = dataloader.load_fundus_data(root).test
     _, batch_probs = evaluate.evaluate_checkpoint(checkpoint, table, torch.device("cpu"), 7, 0, tta=False)
     csv = tmp_path / "photos.csv"
     evaluate.main([str(ckpt), "--images", *map(str, table.paths), "--out", str(csv), "--batch-size", "1",
@@ -87,7 +89,7 @@ def test_images_one_by_one_equal_the_batch_evaluation(demo_run, tmp_path):
 
 def test_raw_photo_is_cropped_to_the_eye_like_prepare(demo_run, tmp_path):
     _, root, _ = demo_run
-    crop = Image.open(root / "images" / f"{evaluate.data.load_fundus_data(root).test.names[0]}.jpeg")
+    crop = Image.open(root / "images" / f"{dataloader.load_fundus_data(root).test.names[0]}.jpeg")
     wide = Image.new("RGB", (160, 100))
     wide.paste(crop.resize((90, 90)), (35, 5))  # the eye smaller, off centre, in a wide black frame
     wide.save(tmp_path / "raw.png")
@@ -101,7 +103,7 @@ def test_cam_figures_and_unreadable_files_are_reported(demo_run, tmp_path, capsy
     _, root, ckpt = demo_run
     folder = tmp_path / "photos"
     folder.mkdir()
-    names = evaluate.data.load_fundus_data(root).test.names[:3]
+    names = dataloader.load_fundus_data(root).test.names[:3]
     for n in names:
         (folder / f"{n}.jpeg").write_bytes((root / "images" / f"{n}.jpeg").read_bytes())
     (folder / "broken.jpeg").write_bytes(b"\xff\xd8 not really")

@@ -4,9 +4,9 @@ import pytest
 import torch
 from PIL import Image
 
-import dataloader as data
+import dataloader
 import train
-from errors import UserError
+from runtime import UserError
 
 
 def write_image(path, size=(40, 40), mode="RGB", value=120):
@@ -31,7 +31,7 @@ def rows(prefix, n):
 
 def test_lab_layout_keeps_the_first_row(tmp_path):
     write_lab(tmp_path, rows("a", 7), rows("b", 3))
-    fundus = data.load_fundus_data(tmp_path)
+    fundus = dataloader.load_fundus_data(tmp_path)
     assert (len(fundus.train), len(fundus.test)) == (7, 3)  # pandas' default header would give 6 and 2
     assert fundus.train.names[0] == "a0_right" and fundus.train.grades.tolist() == [0, 1, 2, 3, 4, 0, 1]
     assert fundus.layout == "lab" and fundus.image_dir == tmp_path / "images"
@@ -42,7 +42,7 @@ def test_image_dir_defaults_to_root_without_images_folder(tmp_path):
     for f in (tmp_path / "images").iterdir():
         f.rename(tmp_path / f.name)
     (tmp_path / "images").rmdir()
-    assert data.load_fundus_data(tmp_path).image_dir == tmp_path
+    assert dataloader.load_fundus_data(tmp_path).image_dir == tmp_path
 
 
 def eyepacs(tmp_path, patients=60):
@@ -58,18 +58,18 @@ def eyepacs(tmp_path, patients=60):
 
 def test_labels_table_split_is_grouped_by_patient_and_repeatable(tmp_path):
     eyepacs(tmp_path)
-    a = data.load_fundus_data(tmp_path, test_fraction=0.25, split_seed=3)
-    b = data.load_fundus_data(tmp_path, test_fraction=0.25, split_seed=3)
-    train_patients = {data.patient_id(n) for n in a.train.names}
-    test_patients = {data.patient_id(n) for n in a.test.names}
+    a = dataloader.load_fundus_data(tmp_path, test_fraction=0.25, split_seed=3)
+    b = dataloader.load_fundus_data(tmp_path, test_fraction=0.25, split_seed=3)
+    train_patients = {dataloader.patient_id(n) for n in a.train.names}
+    test_patients = {dataloader.patient_id(n) for n in a.test.names}
     assert not train_patients & test_patients
     assert len(a.train) + len(a.test) == 120 and len(test_patients) == 15
     assert a.test.names == b.test.names
-    assert a.test.names != data.load_fundus_data(tmp_path, test_fraction=0.25, split_seed=4).test.names
+    assert a.test.names != dataloader.load_fundus_data(tmp_path, test_fraction=0.25, split_seed=4).test.names
     assert a.layout == "labels-table"
-    val = data.load_fundus_data(tmp_path, test_fraction=0.25, val_fraction=0.2, split_seed=3)
-    val_patients = {data.patient_id(n) for n in val.val.names}
-    assert not val_patients & {data.patient_id(n) for n in val.train.names}
+    val = dataloader.load_fundus_data(tmp_path, test_fraction=0.25, val_fraction=0.2, split_seed=3)
+    val_patients = {dataloader.patient_id(n) for n in val.val.names}
+    assert not val_patients & {dataloader.patient_id(n) for n in val.train.names}
     assert not val_patients & test_patients
 
 
@@ -80,7 +80,7 @@ def test_aptos_table(tmp_path):
         lines.append(f"id{i:03x},{i % 5}")
         write_image(tmp_path / "train_images" / f"id{i:03x}.png", size=(20, 20))
     (tmp_path / "train.csv").write_text("\n".join(lines))
-    fundus = data.load_fundus_data(tmp_path, image_dir=tmp_path / "train_images", test_fraction=0.3)
+    fundus = dataloader.load_fundus_data(tmp_path, image_dir=tmp_path / "train_images", test_fraction=0.3)
     assert len(fundus.train) == 7 and len(fundus.test) == 3
 
 
@@ -138,8 +138,8 @@ def test_undecodable_image_names_path_and_row(tmp_path, capsys, workers):
 def test_other_image_modes_load_as_rgb(tmp_path, mode, ext):
     path = tmp_path / f"x{ext}"
     write_image(path, size=(50, 50), mode=mode)
-    table = data.FundusTable(np.array([str(path)]), np.array([2]), "test")
-    image, grade = data.FundusDataset(table, 32)[0]
+    table = dataloader.FundusTable(np.array([str(path)]), np.array([2]), "test")
+    image, grade = dataloader.FundusDataset(table, 32)[0]
     assert image.shape == (3, 32, 32) and image.dtype == torch.uint8 and grade == 2
 
 
@@ -148,7 +148,7 @@ def test_wide_photo_is_cropped_not_squashed(tmp_path):
     yy, xx = np.mgrid[:100, :200]
     arr[(yy - 50) ** 2 + (xx - 100) ** 2 < 45 ** 2] = 200  # a round eye in a wide frame
     Image.fromarray(arr).save(tmp_path / "wide.png")
-    img = np.asarray(data.load_square(str(tmp_path / "wide.png"), 100))
+    img = np.asarray(dataloader.load_square(str(tmp_path / "wide.png"), 100))
     bright = img[..., 0] > 100
     height = bright.any(1).sum()
     width = bright.any(0).sum()
@@ -157,7 +157,7 @@ def test_wide_photo_is_cropped_not_squashed(tmp_path):
 
 def test_large_jpeg_decodes_at_reduced_scale_to_the_right_size(tmp_path):
     write_image(tmp_path / "big.jpeg", size=(512, 512))
-    img = data.load_square(str(tmp_path / "big.jpeg"), 64)
+    img = dataloader.load_square(str(tmp_path / "big.jpeg"), 64)
     assert img.size == (64, 64) and np.asarray(img)[5, 32, 0] > 200 and np.asarray(img)[60, 32, 0] < 150
 
 
@@ -165,21 +165,21 @@ def test_eval_transform_is_imagenet_normalisation():
     from torchvision.transforms import Normalize
 
     x = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
-    ours = data.BatchTransform(torch.device("cpu"), augment=False)(x)
-    theirs = Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)(x.float() / 255)
+    ours = dataloader.BatchTransform(torch.device("cpu"), augment=False)(x)
+    theirs = Normalize(dataloader.IMAGENET_MEAN, dataloader.IMAGENET_STD)(x.float() / 255)
     assert torch.allclose(ours, theirs, atol=1e-5)
 
 
 def test_augmentation_keeps_shape_dtype_and_format_and_is_seeded():
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-    transform = data.BatchTransform(torch.device("cpu"), augment=True, channels_last=True)
+    transform = dataloader.BatchTransform(torch.device("cpu"), augment=True, channels_last=True)
     a = transform(x, torch.Generator().manual_seed(1))
     b = transform(x, torch.Generator().manual_seed(1))
     c = transform(x, torch.Generator().manual_seed(2))
     assert a.shape == x.shape and a.dtype == torch.float32
     assert a.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(a, b) and not torch.equal(a, c)
-    plain = data.BatchTransform(torch.device("cpu"), augment=False)(x)
+    plain = dataloader.BatchTransform(torch.device("cpu"), augment=False)(x)
     assert not torch.allclose(a, plain)
 
 
@@ -187,7 +187,7 @@ def test_augmentation_flips_every_grade_alike():
     # the same image under many draws: half the draws have its red top half below the middle
     x = torch.zeros(400, 3, 32, 32, dtype=torch.uint8)
     x[:, 0, :16] = 250
-    transform = data.BatchTransform(torch.device("cpu"), augment=True)
+    transform = dataloader.BatchTransform(torch.device("cpu"), augment=True)
     out = transform(x, torch.Generator().manual_seed(0))
     red_on_top = (out[:, 0, :16].mean((1, 2)) > out[:, 0, 16:].mean((1, 2))).float().mean()
     assert 0.35 < red_on_top < 0.65
@@ -195,7 +195,7 @@ def test_augmentation_flips_every_grade_alike():
 
 def test_balanced_sampler_draws_grades_evenly_and_repeatably():
     grades = np.array([0] * 730 + [1] * 70 + [2] * 150 + [3] * 25 + [4] * 25)
-    sampler = data.BalancedSampler(grades, seed=0)
+    sampler = dataloader.BalancedSampler(grades, seed=0)
     sampler.set_epoch(1)
     drawn = np.bincount(grades[list(sampler)], minlength=5)
     assert drawn.min() > 150 and drawn.max() < 250
@@ -204,17 +204,17 @@ def test_balanced_sampler_draws_grades_evenly_and_repeatably():
     first = list(sampler)
     sampler.set_epoch(1)
     assert first != list(sampler)
-    ranks = [list(data.BalancedSampler(grades, 2, r, seed=0)) for r in (0, 1)]
+    ranks = [list(dataloader.BalancedSampler(grades, 2, r, seed=0)) for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) == 500
 
 
 def test_shard_sampler_covers_each_image_once():
-    shards = [list(data.ShardSampler(10, 3, r)) for r in range(3)]
+    shards = [list(dataloader.ShardSampler(10, 3, r)) for r in range(3)]
     assert sorted(sum(shards, [])) == list(range(10))
 
 
 def test_class_counts():
-    assert data.class_counts(np.array([0, 0, 2, 4])).tolist() == [2, 0, 1, 0, 1]
+    assert dataloader.class_counts(np.array([0, 0, 2, 4])).tolist() == [2, 0, 1, 0, 1]
 
 
 def test_default_root_uses_the_demo_set_and_says_so(tmp_path, monkeypatch):
@@ -225,16 +225,16 @@ def test_default_root_uses_the_demo_set_and_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(synthetic, "ensure_demo",
                         lambda root: real(root, n_train=10, n_test=5, size=32, quiet=True))
     said = []
-    fundus = data.load_fundus_data(None, log=said.append)
+    fundus = dataloader.load_fundus_data(None, log=said.append)
     assert fundus.layout == "demo" and len(fundus.train) == 10 and fundus.image_size() == 32
     assert said == ["data/ holds no dataset: generated the synthetic demo set in data/demo/"]
-    data.load_fundus_data(None, log=said.append)
+    dataloader.load_fundus_data(None, log=said.append)
     assert said[-1] == "data/ holds no dataset: using the synthetic demo set in data/demo/"
 
 
 def test_patient_split_rejects_bad_fraction():
     with pytest.raises(UserError):
-        data.patient_split(["1_left", "2_left"], 1.5, 0)
+        dataloader.patient_split(["1_left", "2_left"], 1.5, 0)
 
 
 def test_augmentation_mirrors_half_the_images():
@@ -242,9 +242,9 @@ def test_augmentation_mirrors_half_the_images():
     x = torch.zeros(400, 3, 32, 32, dtype=torch.uint8)
     x[:, 0, 4:12, 4:12] = 255
     x[:, 1, 4:12, 20:28] = 255
-    out = data.BatchTransform(torch.device("cpu"), augment=True, max_scale=0, brightness=0, contrast=0)(
+    out = dataloader.BatchTransform(torch.device("cpu"), augment=True, max_scale=0, brightness=0, contrast=0)(
         x, torch.Generator().manual_seed(0))
-    pixels = out * torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(data.IMAGENET_MEAN).view(1, 3, 1, 1)
+    pixels = out * torch.tensor(dataloader.IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(dataloader.IMAGENET_MEAN).view(1, 3, 1, 1)
     yy, xx = torch.meshgrid(torch.arange(32.0) - 15.5, torch.arange(32.0) - 15.5, indexing="ij")
 
     def centroid(mask):

@@ -11,6 +11,7 @@ from sklearn.metrics import accuracy_score, cohen_kappa_score, confusion_matrix,
 
 import dataloader
 import evaluate
+import runtime
 import train
 
 
@@ -136,6 +137,6 @@ def test_tta_averages_the_softmax_of_all_eight_views():
     views = [torch.flip(torch.rot90(x, k, (2, 3)), (3,)) if f else torch.rot90(x, k, (2, 3))
              for k in range(4) for f in (0, 1)]
     expected = torch.stack([torch.softmax(model(v), 1) for v in views]).mean(0)
-    ctx = train.autocast(torch.device("cpu"), None)
-    assert torch.allclose(train.softmax_over_views(model, x, ctx, tta=True), expected, atol=1e-6)
-    assert torch.allclose(train.softmax_over_views(model, x, ctx, tta=False), torch.softmax(model(x), 1), atol=1e-6)
+    ctx = runtime.autocast(torch.device("cpu"), None)
+    assert torch.allclose(evaluate.softmax_over_views(model, x, ctx, tta=True), expected, atol=1e-6)
+    assert torch.allclose(evaluate.softmax_over_views(model, x, ctx, tta=False), torch.softmax(model(x), 1), atol=1e-6)

@@ -7,7 +7,7 @@ import torch
 import torchvision
 
 import models
-from errors import UserError
+from runtime import UserError
 
 ARCHS = list(models.ARCHS)
 

@@ -5,6 +5,7 @@ import textwrap
 
 import pytest
 
+import runtime
 import train
 
 
@@ -19,8 +20,8 @@ def test_demo_pools_end_while_the_stop_handler_is_installed(repo_root, tmp_path)
     code = f"""
         import sys
         sys.path.insert(0, {str(repo_root)!r})
-        import synthetic, train
-        train.StopRequest().install()
+        import torch, synthetic, train
+        train.StopRequest(train.Dist(), torch.device("cpu")).install()
         for i in range(8):
             synthetic.generate_demo(f"set{{i}}", n_train=60, n_test=20, size=32, workers=2, quiet=True)
         print("done")
@@ -57,4 +58,4 @@ def test_train_in_an_empty_folder_draws_the_demo_and_finishes(repo_root, tmp_pat
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "generated the synthetic demo set in data/demo/" in result.stdout
-    assert train.load_checkpoint(tmp_path / "checkpoints" / "resnet18_scratch" / "best.pt")["epoch"] == 1
+    assert runtime.load_checkpoint(tmp_path / "checkpoints" / "resnet18_scratch" / "best.pt")["epoch"] == 1

@@ -12,6 +12,8 @@ import torch
 import torchvision
 
 import dataloader
+import optimisation
+import runtime
 import train
 
 LOG_KEYS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "test_kappa", "lr", "seconds",
@@ -24,7 +26,7 @@ def base_args(root, out, *extra):
 
 
 def weights(path):
-    return train.load_checkpoint(path)["model"]
+    return runtime.load_checkpoint(path)["model"]
 
 
 def test_short_run_writes_checkpoints_and_logs(tiny_demo, tmp_path):
@@ -91,7 +93,7 @@ def test_interrupted_run_resumes_to_identical_weights(tiny_demo, tmp_path, monke
     out = capsys.readouterr().out
     assert "stopped during epoch 2 (batch 2 of 6)" in out and "--resume" in out
     last = parts / "checkpoints" / "resnet18_scratch" / "last.pt"
-    assert train.load_checkpoint(last)["epoch"] == 1
+    assert runtime.load_checkpoint(last)["epoch"] == 1
     assert len(pd.read_csv(parts / "logs" / "resnet18_scratch.csv")) == 1
 
     train.main(["--resume", str(last), "--quiet"])
@@ -117,10 +119,10 @@ def test_sigterm_to_a_real_process_leaves_a_resumable_checkpoint(tiny_demo, tmp_
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "resume with: python train.py --resume" in out
-    epoch = train.load_checkpoint(last)["epoch"]
+    epoch = runtime.load_checkpoint(last)["epoch"]
     assert epoch >= 1
     train.main(["--resume", str(last), "--epochs", str(epoch + 1), "--quiet"])
-    assert train.load_checkpoint(last)["epoch"] == epoch + 1
+    assert runtime.load_checkpoint(last)["epoch"] == epoch + 1
 
 
 def test_non_finite_loss_stops_with_epoch_and_batch(tiny_demo, tmp_path, capsys):
@@ -137,7 +139,7 @@ def test_torchrun_two_processes_gloo(tiny_demo, tmp_path, repo_root):
     result = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("epoch   2/2") == 1  # only rank 0 prints
-    checkpoint = train.load_checkpoint(tmp_path / "checkpoints" / "resnet18_scratch" / "last.pt")
+    checkpoint = runtime.load_checkpoint(tmp_path / "checkpoints" / "resnet18_scratch" / "last.pt")
     assert checkpoint["config"]["model"] == "resnet18"
     torchvision.models.resnet18(num_classes=5).load_state_dict(checkpoint["model"], strict=True)
     summary = json.loads((tmp_path / "logs" / "resnet18_scratch.json").read_text())
@@ -182,7 +184,7 @@ def test_pretrained_from_cache_starts_from_those_weights(tiny_demo, tmp_path, mo
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     # one epoch at a learning rate of ~0 keeps the convolutions at their ImageNet values
     train.main(base_args(tiny_demo, tmp_path, "--pretrained", "--epochs", "1", "--lr", "1e-12"))
-    checkpoint = train.load_checkpoint(tmp_path / "checkpoints" / "resnet18_pretrained" / "last.pt")
+    checkpoint = runtime.load_checkpoint(tmp_path / "checkpoints" / "resnet18_pretrained" / "last.pt")
     assert torch.allclose(checkpoint["model"]["conv1.weight"], reference.conv1.weight, atol=1e-9)
     assert checkpoint["pretrained_source"] == str(cache / "resnet18-f37072fd.pth")
 
@@ -205,17 +207,14 @@ def test_named_data_root_without_dataset_is_an_error(tmp_path, capsys):
 
 
 def one_epoch(model, batch_size, accum, samples):
-    loader = torch.utils.data.DataLoader(samples, batch_size=batch_size, collate_fn=dataloader.collate_fundus,
-                                         sampler=torch.utils.data.DistributedSampler(samples, 1, 0, shuffle=False))
+    loader = torch.utils.data.DataLoader(samples, batch_size=batch_size, collate_fn=dataloader.collate_fundus)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    args = type("Args", (), {"grad_accum_steps": accum, "skip_bad_images": False, "seed": 0, "lr": 0.5})()
-    stop = type("Stop", (), {"requested": lambda self, env, device: False})()
     cpu = torch.device("cpu")
-    return train.train_one_epoch(model, loader, dataloader.BatchTransform(cpu, augment=False),
-                                 torch.nn.CrossEntropyLoss(), optimizer, scheduler,
-                                 torch.amp.GradScaler("cpu", enabled=False), train.autocast(cpu, None), cpu, 1, args,
-                                 train.Dist(), stop, torch.Generator(), show=False)
+    return optimisation.train_one_epoch(model, loader, dataloader.BatchTransform(cpu, augment=False),
+                                        torch.nn.CrossEntropyLoss(), optimizer, scheduler,
+                                        torch.amp.GradScaler("cpu", enabled=False), runtime.autocast(cpu, None), 1,
+                                        aug_seed=0, accum_steps=accum)
 
 
 def test_gradient_accumulation_equals_one_large_batch():
