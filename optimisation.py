@@ -27,6 +27,7 @@ class Diverged(RunFailed):
 
 
 def build_optimizer(name: str, model: nn.Module, lr: float, momentum: float, weight_decay: float):
+    """--optimizer sgd (the lab's: momentum, L2 weight decay) or adamw (decoupled weight decay)."""
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -43,6 +44,7 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
 
 
 def build_scheduler(optimizer, schedule: str, warmup_epochs: float, epochs: int, steps_per_epoch: int):
+    """lr_factor per optimiser step over the whole run, as a LambdaLR (its state goes into checkpoints)."""
     warmup = round(warmup_epochs * steps_per_epoch)
     total = epochs * steps_per_epoch
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total, schedule))

@@ -127,6 +127,7 @@ TMP_SUFFIX = ".tmp"
 
 
 def tmp_name(path: Path) -> Path:
+    """The temporary name atomic_write writes `path` under: hidden, beside it, one per process."""
     return path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
 
 
@@ -161,16 +162,19 @@ def remove_leftovers(folder: str | os.PathLike, name: str | None = None) -> list
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """`text` into `path`, atomically (see atomic_write)."""
     with atomic_write(path, "w") as f:
         f.write(text)
 
 
 def save_atomic(obj, path: str | os.PathLike) -> None:
+    """torch.save(obj) into `path`, atomically (see atomic_write)."""
     with atomic_write(path) as f:
         torch.save(obj, f)
 
 
 def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """A copy of the file `src` at `dst`, atomically (see atomic_write)."""
     with open(src, "rb") as source, atomic_write(dst) as f:
         while chunk := source.read(1 << 24):
             f.write(chunk)
@@ -202,6 +206,7 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:
+    """--channels-last/--no-channels-last as the memory format of the model and its batches."""
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
@@ -277,6 +282,7 @@ def run_summary(checkpoint: dict, environment: dict, checkpoint_dir: Path) -> di
 
 
 def is_pretrained(config: dict) -> bool:
+    """Whether a run's flags (a checkpoint's config) start from ImageNet weights."""
     return bool(config.get("pretrained") or config.get("weights"))
 
 
@@ -292,6 +298,7 @@ def rng_states() -> dict:
 
 
 def set_rng_states(state: dict) -> None:
+    """Every generator back to the state rng_states() recorded (CUDA's only on the same GPU count)."""
     torch.set_rng_state(state["torch"])
     keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))

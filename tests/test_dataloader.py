@@ -1,4 +1,6 @@
 """Dataset layouts, bad input, decoding and the device-side transform."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -183,14 +185,19 @@ def test_augmentation_keeps_shape_dtype_and_format_and_is_seeded():
     assert not torch.allclose(a, plain)
 
 
-def test_augmentation_flips_every_grade_alike():
-    # the same image under many draws: half the draws have its red top half below the middle
-    x = torch.zeros(400, 3, 32, 32, dtype=torch.uint8)
-    x[:, 0, :16] = 250
-    transform = dataloader.BatchTransform(torch.device("cpu"), augment=True)
-    out = transform(x, torch.Generator().manual_seed(0))
-    red_on_top = (out[:, 0, :16].mean((1, 2)) > out[:, 0, 16:].mean((1, 2))).float().mean()
-    assert 0.35 < red_on_top < 0.65
+def test_augmentation_rotates_by_any_angle():
+    # a red square off the centre: where its centroid lands gives the rotation. Flips alone would put it
+    # in 4 places only (the diagonals); rotation by any angle spreads it over all 16 sectors of the circle
+    x = torch.zeros(800, 3, 32, 32, dtype=torch.uint8)
+    x[:, 0, 4:10, 14:18] = 255
+    out = dataloader.BatchTransform(torch.device("cpu"), augment=True, max_scale=0, brightness=0, contrast=0)(
+        x, torch.Generator().manual_seed(0))
+    red = (out[:, 0] > 0).float()
+    yy, xx = torch.meshgrid(torch.arange(32.0) - 15.5, torch.arange(32.0) - 15.5, indexing="ij")
+    mass = red.sum((1, 2))
+    angle = torch.atan2((red * yy).sum((1, 2)) / mass, (red * xx).sum((1, 2)) / mass)
+    sectors = torch.bincount(((angle + math.pi) / (2 * math.pi) * 16).long().clamp(0, 15), minlength=16)
+    assert sectors.min() >= 0.5 * 800 / 16, sectors.tolist()
 
 
 def test_balanced_sampler_draws_grades_evenly_and_repeatably():

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The device check in one call: a short CUDA training run, evaluation, torchrun with NCCL, then
-# bench.py --cuda. Run from the repo root on a machine with a GPU; results go to $OUT (or ./gpu-out).
+# bench.py --cuda. Run on a machine with a GPU: bash benchmarks/gpu_check.sh; results go to $OUT
+# (default gpu-out/ in the repo root), bench.py's tables into BENCHMARKS.md.
 set -u
+cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
