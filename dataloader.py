@@ -6,6 +6,7 @@ where they cost almost nothing, instead of per image on the CPU, which feeds the
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -21,8 +22,8 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from fundus import IMAGE_EXTENSIONS
-from runtime import NUM_GRADES, UserError, worker_signals
+from fundus import IMAGE_EXTENSIONS, to_rgb
+from runtime import NUM_GRADES, UserError, input_folder, worker_signals
 
 # Decoded pixels arrive as read-only numpy arrays; torch warns when it wraps one. Nothing writes to
 # them in place (BatchTransform makes a float copy first), and copying to silence it costs time.
@@ -58,6 +59,11 @@ class FundusTable:
     def names(self) -> list[str]:
         return [Path(p).stem for p in self.paths]
 
+    def digest(self) -> str:
+        """sha256 of the names and grades in order: the same split wherever the files lie."""
+        text = "".join(f"{name}\t{grade}\n" for name, grade in zip(self.names, self.grades.tolist()))
+        return hashlib.sha256(text.encode()).hexdigest()
+
 
 @dataclass
 class FundusData:
@@ -80,29 +86,56 @@ class FundusData:
         with Image.open(self.train.paths[0]) as img:
             return max(img.size)
 
+    def splits(self) -> dict[str, FundusTable]:
+        return {name: table for name, table in (("train", self.train), ("test", self.test), ("val", self.val))
+                if table is not None}
+
+    def record(self) -> dict:
+        """What a checkpoint keeps of the data: absolute folders, so that a resume or an evaluation from
+        another working folder finds them, and per split the image count and a digest of its names and
+        grades, so that data moved elsewhere can be checked to be the same."""
+        return {"layout": self.layout, "root": str(self.root.absolute()), "image_dir": str(self.image_dir.absolute()),
+                "train_counts": class_counts(self.train.grades).tolist(), "prepare": self.prepare_options(),
+                "splits": {name: {"images": len(table), "digest": table.digest()}
+                           for name, table in self.splits().items()}}
+
+
+def read_lines(path: Path) -> tuple[list[str], list[int]]:
+    """A lab-layout CSV: one value per line and no header row (pandas' default header would drop the
+    first image). The values and their line numbers in the file; blank lines are skipped."""
+    if not path.is_file():
+        raise UserError(f"{path} is missing" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a text file") from None
+    values, numbers = [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        value = line.strip().strip('"').strip()
+        if not value:
+            continue
+        if "," in value:
+            raise UserError(f"{path} line {number} holds several columns ({line.strip()[:40]!r}); "
+                            "the lab layout holds one value per line")
+        values.append(value)
+        numbers.append(number)
+    if not values:
+        raise UserError(f"{path} is empty")
+    return values, numbers
+
 
 def read_column(path: Path) -> list[str]:
-    """One value per line, no header row: pandas' default header would drop the first image."""
-    if not path.is_file():
-        raise UserError(f"{path} is missing")
-    try:
-        frame = pd.read_csv(path, header=None, dtype=str, keep_default_na=False, skip_blank_lines=True)
-    except pd.errors.EmptyDataError:
-        raise UserError(f"{path} is empty") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is not a one-column CSV ({err})") from None
-    if frame.shape[1] != 1:
-        raise UserError(f"{path} has {frame.shape[1]} columns on some line; the lab layout holds one value per line")
-    return [v.strip() for v in frame[0].tolist()]
+    """The values of a lab-layout CSV (see read_lines)."""
+    return read_lines(path)[0]
 
 
-def parse_grades(values, source: str, first_row: int = 1) -> np.ndarray:
-    """Integers 0-4, or one sentence naming the file, the row and the value."""
+def parse_grades(values, source: str, lines) -> np.ndarray:
+    """Integers 0-4, or one sentence naming the file, its line number and the value."""
     grades = np.empty(len(values), dtype=np.int64)
-    for i, value in enumerate(values):
+    for i, (value, line) in enumerate(zip(values, lines)):
         text = str(value).strip()
         if re.fullmatch(r"[+-]?\d+(\.0*)?", text) is None or not 0 <= int(float(text)) < NUM_GRADES:
-            raise UserError(f"{source} row {i + first_row}: grade '{value}' is not an integer 0-4")
+            raise UserError(f"{source} line {line}: grade '{value}' is not an integer 0-4")
         grades[i] = int(float(text))
     return grades
 
@@ -135,24 +168,28 @@ def resolve_paths(names: list[str], images: dict[str, str], image_dir: Path, sou
 
 def read_lab_split(root: Path, split: str, images: dict[str, str], image_dir: Path) -> FundusTable:
     img_csv, label_csv = (root / name for name in LAB_FILES[split])
-    names, labels = read_column(img_csv), read_column(label_csv)
+    names, (labels, lines) = read_column(img_csv), read_lines(label_csv)
     if len(names) != len(labels):
         raise UserError(f"{img_csv} lists {len(names)} images but {label_csv} lists {len(labels)} grades; "
                         "the two files must have one line per image, in the same order")
-    grades = parse_grades(labels, str(label_csv))
+    grades = parse_grades(labels, str(label_csv), lines)
     return FundusTable(resolve_paths(names, images, image_dir, str(img_csv)), grades, str(img_csv))
 
 
 def read_labels_table(path: Path) -> pd.DataFrame:
     """A Kaggle/APTOS labels table as columns `name`, `grade` (validated)."""
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is not a readable CSV ({err})") from None
+        raise UserError(f"{path} is not a readable CSV ({' '.join(str(err).split())})") from None
+    frame.index += 2  # the file's line numbers: line 1 is the header (no quoted line breaks in these tables)
+    frame = frame[(frame != "").any(axis=1)]  # blank lines
     for name_col, grade_col in LABEL_TABLES.values():
         if {name_col, grade_col} <= set(frame.columns):
-            grades = parse_grades(frame[grade_col].tolist(), str(path), first_row=2)
-            return pd.DataFrame({"name": frame[name_col].str.strip(), "grade": grades})
+            if frame.empty:
+                raise UserError(f"{path} has a header but no rows")
+            grades = parse_grades(frame[grade_col].tolist(), str(path), frame.index.tolist())
+            return pd.DataFrame({"name": frame[name_col].str.strip().to_numpy(), "grade": grades})
     expected = " or ".join(f"'{a},{b}'" for a, b in LABEL_TABLES.values())
     raise UserError(f"{path} has columns {list(frame.columns)}; expected a header {expected}")
 
@@ -211,9 +248,7 @@ def load_fundus_data(data_root: str | os.PathLike | None = None, image_dir: str 
                 log(f"{root}/ holds no dataset: using the synthetic demo set in {DEMO_ROOT}/")
             root, layout = DEMO_ROOT, "demo"
     else:
-        root = Path(data_root)
-        if not root.is_dir():
-            raise UserError(f"--data-root {root} does not exist")
+        root = input_folder("--data-root", data_root)
         if not holds_dataset(root):
             lab = ", ".join(name for pair in LAB_FILES.values() for name in pair)
             raise UserError(f"--data-root {root} holds no dataset: expected the lab's {lab}, "
@@ -223,7 +258,7 @@ def load_fundus_data(data_root: str | os.PathLike | None = None, image_dir: str 
 
         if (root / synthetic.MARKER).is_file():
             layout = "demo"  # the demo set named by its folder: it too trains at its own size
-    image_dir = Path(image_dir) if image_dir is not None else default_image_dir(root)
+    image_dir = input_folder("--image-dir", image_dir) if image_dir is not None else default_image_dir(root)
     images = index_images(image_dir)
     table = find_labels_table(root)
     if (root / LAB_FILES["train"][0]).is_file():
@@ -244,6 +279,36 @@ def load_fundus_data(data_root: str | os.PathLike | None = None, image_dir: str 
     return FundusData(layout, root, image_dir, train, test, val)
 
 
+def load_run_data(config: dict, recorded: dict, data_root=None, image_dir=None, log=print) -> FundusData:
+    """The data a run trained on, split as it was, from any working folder: the absolute folders its
+    checkpoint recorded, or data_root/image_dir where the data has moved since, checked to hold the
+    same splits (sizes, names and grades). Never the demo set in place of the run's data; a demo run's
+    set is drawn again where it was (it is deterministic)."""
+    moved = data_root is not None
+    root = data_root if moved else recorded.get("root", config.get("data_root"))
+    image_dir = image_dir if moved or image_dir is not None else recorded.get("image_dir", config.get("image_dir"))
+    if root is None:  # a checkpoint from before folders were recorded, of a run on the default data/
+        root = DEFAULT_DATA_ROOT
+    if not moved and recorded.get("layout") == "demo":
+        import synthetic
+
+        synthetic.ensure_demo(root)
+    elif not moved and not Path(root).is_dir():
+        raise UserError(f"the run's data folder {root} (recorded in its checkpoint) does not exist; pass "
+                        "--data-root (and --image-dir) where the data is now")
+    fundus = load_fundus_data(root, image_dir, config.get("test_fraction", 0.2), config.get("val_fraction", 0.0),
+                              config.get("split_seed", 0), log=log)
+    for name, expected in recorded.get("splits", {}).items():
+        table = fundus.splits().get(name)
+        if table is None or table.digest() != expected["digest"]:
+            found = "none" if table is None else f"{len(table)} images"
+            raise UserError(f"{fundus.root} does not hold the data the run trained on: its {name} split has "
+                            f"{found}, the run's had {expected['images']} images"
+                            + (" with other names or grades" if table is not None and len(table) == expected["images"]
+                               else "") + "; pass --data-root (and --image-dir) where that data is")
+    return fundus
+
+
 def class_counts(grades: np.ndarray) -> np.ndarray:
     return np.bincount(np.asarray(grades), minlength=NUM_GRADES)
 
@@ -257,8 +322,8 @@ def load_square(path: str, size: int) -> Image.Image:
         if img.format == "JPEG":
             img.draft("RGB", (size, size))
         img.load()
-    if img.mode != "RGB":  # grayscale, RGBA, palette PNGs; an RGB image is used as decoded, not copied
-        img = img.convert("RGB")
+    if img.mode != "RGB":  # greyscale, 16-bit, RGBA, palette; an RGB image is used as decoded, not copied
+        img = to_rgb(img)
     w, h = img.size
     if w != h:
         side = min(w, h)
@@ -362,12 +427,17 @@ def default_workers(local_world_size: int = 1) -> int:
     return max(1, min(16, cpus // local_world_size))
 
 
-def build_loader(dataset: Dataset, batch_size: int, sampler: Sampler, workers: int,
-                 device: torch.device, drop_last: bool = False) -> DataLoader:
+def build_loader(dataset: Dataset, batch_size: int, sampler: Sampler, workers: int, device: torch.device,
+                 train: bool = False) -> DataLoader:
+    """Batches of uint8 images (channels_last) and grades, decoded by `workers` processes, pinned for CUDA.
+
+    A training epoch that would end in a batch of a single image drops it: BatchNorm's statistics over
+    one image are noise, and where the last stage's map is 1x1 (images under 64 px) they fail outright.
+    The image is drawn again in other epochs; every other batch size is kept."""
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_fundus,
-        pin_memory=device.type == "cuda", drop_last=drop_last, worker_init_fn=worker_signals,
-        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+        pin_memory=device.type == "cuda", drop_last=train and len(sampler) % batch_size == 1,
+        worker_init_fn=worker_signals, persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
     )
 
 

@@ -25,8 +25,9 @@ from sklearn.metrics import accuracy_score, cohen_kappa_score, confusion_matrix,
 import dataloader
 import fundus
 import models
-from runtime import (GRADE_NAMES, NUM_GRADES, Parser, UserError, autocast, choose_device, exit_on_user_error,
-                     is_pretrained, load_checkpoint, memory_format, precision, progress, restore_model)
+from runtime import (GRADE_NAMES, NUM_GRADES, Parser, UserError, autocast, check_output, choose_device,
+                     exit_on_user_error, is_pretrained, load_checkpoint, memory_format, precision, progress,
+                     restore_model)
 
 GRADES = list(range(NUM_GRADES))
 
@@ -156,16 +157,14 @@ def inference_setup(checkpoint: dict, source, device: torch.device):
 
 
 def split_table(checkpoint: dict, args) -> dataloader.FundusTable:
-    config, recorded = checkpoint["config"], checkpoint.get("data", {})
-    root = args.data_root if args.data_root is not None else recorded.get("root", config.get("data_root"))
-    image_dir = args.image_dir if args.image_dir is not None else (
-        recorded.get("image_dir") if args.data_root is None else None)
-    if args.data_root is None and recorded.get("layout") == "demo" and Path(root) == dataloader.DEMO_ROOT:
-        import synthetic
-
-        synthetic.ensure_demo(root)  # deterministic: regenerated identical when deleted
-    fundus = dataloader.load_fundus_data(root, image_dir, config.get("test_fraction", 0.2),
-                                   config.get("val_fraction", 0.0), config.get("split_seed", 0))
+    """The split to evaluate: the run's own data and split (found from any working folder, checked to be
+    unchanged), or with --data-root the data there, split by the run's flags."""
+    config = checkpoint["config"]
+    if args.data_root is None:
+        fundus = dataloader.load_run_data(config, checkpoint.get("data", {}), image_dir=args.image_dir)
+    else:
+        fundus = dataloader.load_fundus_data(args.data_root, args.image_dir, config.get("test_fraction", 0.2),
+                                             config.get("val_fraction", 0.0), config.get("split_seed", 0))
     table = getattr(fundus, args.split)
     if table is None:
         raise UserError("--split val: the run held out no validation part (it trained with --val-fraction 0)")
@@ -253,6 +252,7 @@ def predict_photos(checkpoint: dict, paths: list[Path], device: torch.device, ba
     dataset = PhotoDataset(paths, checkpoint["image_size"], prepared.get("ben_graham", False))
     loader = dataloader.build_loader(dataset, batch_size, dataloader.ShardSampler(len(dataset)), workers, device)
     rows, skipped = [], []
+    outputs = cam_outputs(paths, cam_dir) if cam_dir is not None else None
     for images, index in progress(loader, len(loader), "grade", show):
         skipped += [paths[-1 - i] for i in index.tolist() if i < 0]
         keep = index >= 0
@@ -265,26 +265,44 @@ def predict_photos(checkpoint: dict, paths: list[Path], device: torch.device, ba
         if cam_dir is not None:
             cams = grad_cam(model, x, grades.to(device)).cpu()
             for j, i in enumerate(index.tolist()):
-                save_cam(paths[i], images[j], cams[j], int(grades[j]), float(probs[j, grades[j]]), cam_dir)
+                save_cam(paths[i], images[j], cams[j], int(grades[j]), float(probs[j, grades[j]]), *outputs[i])
         for j, i in enumerate(index.tolist()):
             rows.append({"path": str(paths[i]), "grade": int(grades[j]), "confidence": float(probs[j, grades[j]]),
                          **{f"p{g}": float(probs[j, g]) for g in GRADES}})
     return pd.DataFrame(rows, columns=["path", "grade", "confidence", *[f"p{g}" for g in GRADES]]), skipped
 
 
+def cam_outputs(paths: list[Path], cam_dir: Path) -> list[tuple[Path | None, Path]]:
+    """Per photo, where --cam puts its copy (None when the photo already lies in cam_dir) and its Grad-CAM
+    figure: <stem>.<ext> and <stem>_cam.png, with -2, -3, ... added where two photos share a name, and
+    never the name of an input file (a figure or copy never overwrites a photo)."""
+    taken = {p.resolve() for p in paths}
+    outputs = []
+    for path in paths:
+        in_place = path.resolve().parent == cam_dir.resolve()
+        for n in range(1, len(paths) + 2):
+            stem = path.stem if n == 1 else f"{path.stem}-{n}"
+            copy = None if in_place else cam_dir / f"{stem}{path.suffix}"
+            figure = cam_dir / f"{stem}_cam.png"
+            if figure.resolve() not in taken and (copy is None or copy.resolve() not in taken):
+                break
+        taken |= {figure.resolve()} | ({copy.resolve()} if copy else set())
+        outputs.append((copy, figure))
+    return outputs
+
+
 def save_cam(source: Path, image: torch.Tensor, cam: torch.Tensor, grade: int, confidence: float,
-             cam_dir: Path) -> Path:
-    """A copy of the photo and <stem>_cam.png: what the model saw, and the heatmap over it."""
+             copy: Path | None, figure: Path) -> None:
+    """A copy of the photo and its figure: what the model saw, and the heatmap over it."""
     import shutil
 
     import plot
 
-    cam_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(source, cam_dir / source.name)
-    out = cam_dir / f"{source.stem}_cam.png"
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    if copy is not None:
+        shutil.copy2(source, copy)
     title = f"{source.name}: grade {grade} ({GRADE_NAMES[grade]}), confidence {confidence:.0%}"
-    plot.plot_cam(image.permute(1, 2, 0).numpy(), cam.numpy(), out, title)
-    return out
+    plot.plot_cam(image.permute(1, 2, 0).numpy(), cam.numpy(), figure, title)
 
 
 def cam_samples(checkpoint: dict, table: dataloader.FundusTable, per_grade: int, device: torch.device) -> dict:
@@ -353,13 +371,28 @@ def evaluate_split_command(args, checkpoint: dict, device: torch.device, workers
         print(f"wrote {cams} (Grad-CAMs of up to {args.cam_per_grade} images per grade; plot.py draws them)")
 
 
+def check_args(args) -> None:
+    """Flags out of range, and outputs that cannot be written, before any work."""
+    rules = [(args.batch_size >= 1, "--batch-size must be at least 1"),
+             (args.workers is None or args.workers >= 0, "--workers must not be negative"),
+             (args.cam_per_grade >= 0, "--cam-per-grade must not be negative"),
+             (not args.cam or args.images, "--cam needs --images (for a split, --cam-per-grade feeds plot.py's "
+                                           "contact sheet)")]
+    for ok, message in rules:
+        if not ok:
+            raise UserError(message)
+    if args.out:
+        check_output("--out", args.out, folder=False)
+    if args.cam:
+        check_output("--cam", args.cam, folder=True)
+    if not args.images:
+        check_output("--figure-dir", args.figure_dir, folder=True)
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.batch_size < 1:
-        raise UserError("--batch-size must be at least 1")
-    if args.cam and not args.images:
-        raise UserError("--cam needs --images (for a split, --cam-per-grade feeds plot.py's contact sheet)")
+    check_args(args)
     checkpoint = load_checkpoint(args.checkpoint)
     device = choose_device(args.device)
     workers = args.workers if args.workers is not None else dataloader.default_workers()

@@ -5,7 +5,6 @@ and ours load into torchvision.models.resnetXX. `python models.py` prints the mo
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from functools import partial
@@ -14,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from runtime import NUM_GRADES, UserError
+from runtime import NUM_GRADES, Parser, UserError, exit_on_user_error, read_torch_file
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -170,43 +169,65 @@ def hub_checkpoint_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def _load_weight_file(path: Path) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated download or a file that is not a state_dict
-        raise UserError(f"cannot read ImageNet weights from {path} ({type(err).__name__}: {err}); "
-                        "delete it and download it again") from None
+def _load_weight_file(path: Path, flag: str) -> dict:
+    state = read_torch_file(flag, path)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # one of our own checkpoints passed as --weights
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{flag} {path} holds no state_dict (a dict of tensors)")
     return state
+
+
+# A machine without network must learn that within seconds (make demo asks on every run); once the
+# server has answered, the download itself may take as long as it takes.
+PROBE_SECONDS = 5
+
+
+def url_unreachable(url: str, timeout: float = PROBE_SECONDS) -> str | None:
+    """None when `url`'s server answers within `timeout` seconds, else why not (one phrase)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None  # the server answered; the download reports its own error
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        return f"no answer from {url.split('/')[2]} within {timeout:g} s" if "timed out" in str(reason) \
+            else f"{url.split('/')[2]} is unreachable ({reason})"
+    return None
 
 
 def imagenet_state_dict(arch: str, weights: str | os.PathLike | None = None, progress: bool = True) -> tuple[dict, str]:
     """torchvision's ImageNet state_dict for `arch`, and where it came from.
 
     Order: an explicit file; torch hub's cache (TORCH_HOME); a download through torch.hub with
-    the file name's hash prefix checked. Never falls back to random weights.
-    """
+    the file name's hash prefix checked, after the server has answered a quick probe. Never falls
+    back to random weights."""
     if weights is not None:
-        path = Path(weights)
-        if not path.is_file():
-            raise UserError(f"--weights {path}: no such file")
-        return _load_weight_file(path), str(path)
+        return _load_weight_file(Path(weights), "--weights"), str(weights)
     cache = hub_checkpoint_dir()
     urls = IMAGENET_WEIGHTS[arch]
     for url in urls:
         cached = cache / url.rsplit("/", 1)[1]
         if cached.is_file():
-            return _load_weight_file(cached), str(cached)
+            try:
+                return _load_weight_file(cached, "the cached ImageNet file"), str(cached)
+            except UserError as err:
+                raise UserError(f"{err}; delete it and download it again") from None
     url = urls[0]
     target = cache / url.rsplit("/", 1)[1]
+    how = f"download {url} and put it at {target}, or pass --weights PATH"
+    reason = url_unreachable(url)
+    if reason:
+        raise UserError(f"ImageNet weights for {arch} are not cached and {reason}; {how}")
     try:
         state = torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=progress,
                                                    check_hash=True, weights_only=True)
     except Exception as err:
         raise UserError(f"ImageNet weights for {arch} are not cached and could not be downloaded "
-                        f"({type(err).__name__}); download {url} and put it at {target}, "
-                        "or pass --weights PATH") from None
+                        f"({type(err).__name__}); {how}") from None
     return state, str(target)
 
 
@@ -254,12 +275,19 @@ def model_table(num_classes: int = NUM_GRADES, sizes: tuple[int, ...] = (224, 51
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Print the model table (parameters, GFLOPs).")
+    parser = Parser(description="Print the model table (parameters, GFLOPs), or fetch ImageNet weights.")
     parser.add_argument("--num-classes", type=int, default=NUM_GRADES, help="output classes (default 5)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 512], help="image sizes (default 224 512)")
+    parser.add_argument("--fetch", choices=list(ARCHS), metavar="ARCH",
+                        help="make sure torchvision's ImageNet weights for ARCH are in torch hub's cache "
+                             "(downloading them if the server answers within 5 s); exit 2 with the reason if not")
     args = parser.parse_args(argv)
+    if args.fetch:
+        _, source = imagenet_state_dict(args.fetch)
+        print(f"ImageNet weights for {args.fetch}: {source}")
+        return
     print(model_table(args.num_classes, tuple(args.sizes)))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    exit_on_user_error(main)(sys.argv[1:])

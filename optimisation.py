@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -66,68 +67,101 @@ def train_one_epoch(model: nn.Module, loader, transform, criterion, optimizer, s
                     epoch: int, *, aug_seed: int, accum_steps: int = 1, skip_bad_images: bool = False,
                     stop: Callable[[bool], bool] = lambda sync: False, show: bool = False) -> dict:
     """One pass over `loader`: augmentation on the device, forward under `autocast_ctx`, loss, backward,
-    and an optimiser and scheduler step every `accum_steps` batches. Owns the per-batch work only: the
-    caller sets the sampler's epoch, and decides what happens between epochs.
+    and an optimiser and scheduler step every `accum_steps` batches. Owns the per-batch work only; the
+    caller sets the sampler's epoch and decides what happens between epochs.
 
-    `aug_seed` seeds the device-side augmentation (so a resumed epoch draws what the uninterrupted one
-    did). `stop(sync)` is asked after every batch, `sync` True every SYNC_EVERY batches; when it says
-    True the epoch ends by raising Stopped. With skip_bad_images, images whose grade is -1 (unreadable,
-    see FundusDataset) are dropped and counted. Under DDP (model wrapped in DistributedDataParallel, a
-    process group initialised) accumulating batches skip the gradient all-reduce and the totals are
-    summed over ranks. Returns loss, acc, seconds, images_per_s, skipped and the last lr."""
+    `aug_seed` seeds the augmentation (a resumed epoch draws what the uninterrupted one did). `stop(sync)`
+    is asked after every batch, `sync` True every SYNC_EVERY batches; True ends the epoch (Stopped). With
+    skip_bad_images, unreadable images (grade -1) are dropped and counted, and a batch left with fewer
+    than two is skipped. Under DDP the totals are summed over ranks. Returns loss, acc, seconds,
+    images_per_s, skipped and the last lr."""
     model.train()
     device = next(model.parameters()).device
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     generator = torch.Generator(device=device).manual_seed(aug_seed)
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct, seen, skipped = (torch.zeros((), device=device, dtype=torch.int64) for _ in range(3))
-    bad_batch = torch.full((), -1, device=device, dtype=torch.int64)
-    batches = len(loader)
-    start = time.perf_counter()
+    loss_sum, correct = (torch.zeros((), device=device, dtype=torch.float64) for _ in range(2))
+    skipped, bad_batch = torch.zeros((), device=device), torch.full((), -1, device=device, dtype=torch.int64)
+    batches, seen, pending, start = len(loader), 0, False, time.perf_counter()
     bar = progress(loader, batches, f"epoch {epoch} train", show)
     for i, (images, grades) in enumerate(bar):
-        images = images.to(device, non_blocking=True)
-        grades = grades.to(device, non_blocking=True)
+        images, grades = images.to(device, non_blocking=True), grades.to(device, non_blocking=True)
+        step_now, usable = (i + 1) % accum_steps == 0 or i + 1 == batches, True
         if skip_bad_images:
             keep = grades >= 0
             skipped += (~keep).sum()
-            images, grades = images[keep], grades[keep]
-        x = transform(images, generator)
-        step_now = (i + 1) % accum_steps == 0 or i + 1 == batches
-        sync = contextlib.nullcontext() if step_now or not distributed else model.no_sync()
-        with sync:
-            with autocast_ctx:
-                logits = model(x)
-                loss = criterion(logits, grades)
-            scaler.scale(loss / accum_steps).backward()
+            usable = int(keep.sum()) >= 2
+            images, grades = (images[keep], grades[keep]) if usable else (images, grades.clamp_min(0))
+        if usable or distributed:  # under DDP a skipped batch still joins the gradient all-reduce, weighing 0
+            logits, loss = backward(model, transform(images, generator), grades, criterion, scaler, autocast_ctx,
+                                    1 / accum_steps if usable else 0.0, step_now, distributed)
+            pending = True
+        if usable:
+            bad_batch = torch.where((bad_batch < 0) & ~torch.isfinite(loss), i + 1, bad_batch)
+            loss_sum += loss.double() * len(grades)
+            correct += (logits.argmax(1) == grades).sum()
+            seen += len(grades)
         if step_now:
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-        bad_batch = torch.where((bad_batch < 0) & ~torch.isfinite(loss.detach()), i + 1, bad_batch)
-        loss_sum += loss.detach().double() * len(grades)
-        correct += (logits.argmax(1) == grades).sum()
-        seen += len(grades)
+            optimiser_step(optimizer, scheduler, scaler, pending)
+            pending = False
         at_sync = (i + 1) % SYNC_EVERY == 0 or i + 1 == batches
         if at_sync:
-            if bad_batch.item() >= 0:
-                lr = optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"])
-                raise Diverged(f"the loss became non-finite in epoch {epoch}, batch {bad_batch.item()} of {batches}; "
-                               f"lower --lr (now {lr:g}) or check the data")
-            bar.set_postfix(loss=f"{loss_sum.item() / max(1, seen.item()):.3f}", refresh=False)
+            check_finite(bad_batch, epoch, batches, optimizer)
+            bar.set_postfix(loss=f"{loss_sum.item() / max(1, seen):.3f}", refresh=False)
         if stop(at_sync):
             raise Stopped(epoch, i + 1, batches)
+    totals = torch.stack([loss_sum, correct, torch.tensor(float(seen), device=device, dtype=torch.float64),
+                          skipped.double()])
+    return epoch_totals(totals, start, device, distributed, optimizer)
+
+
+def optimiser_step(optimizer, scheduler, scaler, has_gradient: bool) -> None:
+    """The optimiser's step, then the schedule's. A window of skipped batches has no gradient to step with
+    (and fp16's scaler would fail on it); the schedule goes on regardless, as in the uninterrupted run."""
+    if has_gradient:
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler")
+        scheduler.step()
+
+
+def backward(model, x, grades, criterion, scaler, autocast_ctx, weight: float, step_now: bool,
+             distributed: bool):
+    """Forward and backward of one batch, its loss scaled by `weight` (1 / accumulation steps; 0 for a
+    skipped batch under DDP, run in eval mode so that BatchNorm's statistics stay as they are). Between
+    optimiser steps DDP's gradient all-reduce waits (no_sync). Returns the logits and the unscaled loss."""
+    sync = contextlib.nullcontext() if step_now or not distributed else model.no_sync()
+    if weight == 0:
+        model.eval()
+    with sync:
+        with autocast_ctx:
+            logits = model(x)
+            loss = criterion(logits, grades)
+        scaler.scale(loss * weight).backward()
+    model.train()
+    return logits.detach(), loss.detach()
+
+
+def check_finite(bad_batch: torch.Tensor, epoch: int, batches: int, optimizer) -> None:
+    if bad_batch.item() >= 0:
+        lr = optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"])
+        raise Diverged(f"the loss became non-finite in epoch {epoch}, batch {bad_batch.item()} of {batches}; "
+                       f"lower --lr (now {lr:g}) or check the data")
+
+
+def epoch_totals(totals: torch.Tensor, start: float, device: torch.device, distributed: bool, optimizer) -> dict:
+    """The epoch's numbers, summed over ranks under DDP."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    totals = torch.stack([loss_sum, correct.double(), seen.double(), skipped.double()])
     if distributed:
         dist.all_reduce(totals)
-    loss_total, correct_total, seen_total, skipped_total = totals.tolist()
-    return {"loss": loss_total / max(1, seen_total), "acc": correct_total / max(1, seen_total),
-            "seconds": seconds, "images_per_s": seen_total / seconds, "skipped": int(skipped_total),
-            "lr": optimizer.param_groups[0]["lr"]}
+    loss_sum, correct, seen, skipped = totals.tolist()
+    return {"loss": loss_sum / max(1, seen), "acc": correct / max(1, seen), "seconds": seconds,
+            "images_per_s": seen / seconds, "skipped": int(skipped), "lr": optimizer.param_groups[0]["lr"]}
 
 
 class Stopped(Exception):

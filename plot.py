@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from runtime import GRADE_NAMES, LOG_COLUMNS, Parser, UserError, exit_on_user_error  # noqa: E402
+from runtime import GRADE_NAMES, LOG_COLUMNS, Parser, UserError, check_output, exit_on_user_error  # noqa: E402
 
 ARCH_ORDER = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 DPI = 150
@@ -51,6 +51,11 @@ def _one_line(err: Exception) -> str:
 
 # ---------------------------------------------------------------- reading the logs
 
+def visible(folder, pattern: str) -> list[Path]:
+    """The files matching pattern, sorted, without hidden ones (a writer's temporary files, macOS's ._ files)."""
+    return sorted(p for p in Path(folder).glob(pattern) if not p.name.startswith("."))
+
+
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
@@ -73,6 +78,8 @@ def _read_history(csv_path: Path) -> pd.DataFrame:
     if missing:
         raise UserError(f"{csv_path} lacks the column(s) {', '.join(missing)}, so it is not a "
                         "per-epoch log from train.py.")
+    if history.empty:  # a header and no rows: the run has not finished an epoch (its columns read as text)
+        return history
     text = [c for c in history.columns if not pd.api.types.is_numeric_dtype(history[c])]
     if text:
         raise UserError(f"{csv_path} holds non-numbers in the column(s) {', '.join(text)}.")
@@ -85,11 +92,14 @@ def _read_history(csv_path: Path) -> pd.DataFrame:
 def load_runs(logdir) -> list[dict]:
     """One dict per <run>.json with its CSV: name, arch, pretrained, json, history, path, mtime."""
     logdir = Path(logdir)
+    if logdir.exists() and not logdir.is_dir():
+        raise UserError(f"LOGDIR {logdir} is a file, expected a folder: the one train.py wrote <run>.csv and "
+                        "<run>.json into (its --log-dir, default logs).")
     if not logdir.is_dir():
         raise UserError(f"log folder {logdir} does not exist; pass the folder train.py wrote "
                         "<run>.csv and <run>.json into (its --log-dir, default logs).")
     runs = []
-    for json_path in sorted(logdir.glob("*.json")):
+    for json_path in visible(logdir, "*.json"):
         if json_path.name.endswith("_eval.json"):
             continue
         info = _read_json(json_path)
@@ -115,7 +125,7 @@ def load_runs(logdir) -> list[dict]:
 def load_evals(logdir) -> list[dict]:
     """One dict per *_eval.json: name (stem without _eval), path, data, matrix (counts, float array)."""
     evals = []
-    for path in sorted(Path(logdir).glob("*_eval.json")):
+    for path in visible(logdir, "*_eval.json"):
         data = _read_json(path)
         try:
             matrix = np.asarray(data["confusion_matrix"], dtype=float)
@@ -400,11 +410,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _output_folder(out) -> Path:
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise UserError(f"--out {out} is a file, not a folder; pass a folder for the figures.") from None
+    out = check_output("--out", out, folder=True)
+    out.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -422,7 +429,7 @@ def main(argv=None) -> None:
         written.append(plot_comparison(arch, kept, out, evals))
         written += plot_curves(arch, kept, out)
     written += [plot_evaluation(e, out) for e in evals]
-    written += [plot_cam_sheet(p, out) for p in sorted(Path(args.logdir).glob("*_cams.npz"))]
+    written += [plot_cam_sheet(p, out) for p in visible(args.logdir, "*_cams.npz")]
     written.append(write_summary(runs, evals, out))
     print(written[-1].read_text())
     for path in written:

@@ -12,9 +12,10 @@ import functools
 import os
 import pickle
 import random
+import re
 import signal
 import sys
-import zipfile
+import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -120,6 +121,106 @@ def map_in_processes(fn, items: list, workers: int, chunksize: int = 1):
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
+
+
+# --------------------------------------------------------------------------- paths the user names
+def input_file(flag: str, path: str | os.PathLike) -> Path:
+    """A file the user named as input (a checkpoint, weights, a table): it must exist and be a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder, expected a file")
+    if not path.exists():
+        raise UserError(f"{flag} {path} does not exist")
+    return path
+
+
+def input_folder(flag: str, path: str | os.PathLike) -> Path:
+    """A folder the user named as input (a dataset, an image folder, a log folder)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is a file, expected a folder")
+    if not path.exists():
+        raise UserError(f"{flag} {path} does not exist")
+    return path
+
+
+def check_output(flag: str, path: str | os.PathLike, folder: bool) -> Path:
+    """Refuse, before any work is done, an output that cannot be written: a folder (folder=True) or a
+    file path that is of the other kind, or whose nearest existing ancestor is a file or not writable.
+    Nothing is created; a temporary file probes that the ancestor takes new files."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise UserError(f"{flag} {path} is a {'file' if folder else 'folder'}, expected a "
+                        f"{'folder' if folder else 'file path'}")
+    ancestor = path if folder else path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"{flag} {path} cannot be created: {ancestor} is a file")
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as err:
+        raise UserError(f"{flag} {path} cannot be written: {ancestor} is not writable ({err.strerror})") from None
+    return path
+
+
+def check_run_name(name: str) -> str:
+    """--run-name names a folder under --checkpoint-dir and files under --log-dir: a plain file name."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or os.sep in name or "\0" in name:
+        raise UserError(f"--run-name {name!r} must be a plain file name (not empty, no '/', not '.' or '..')")
+    return name
+
+
+# Leading bytes of the files people pass by mistake where a checkpoint or a weight file belongs.
+FILE_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+                   (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"), (b"BM", "a BMP image"),
+                   (b"%PDF", "a PDF document"), (b"\x1f\x8b", "a gzip archive"), (b"SQLite format 3", "a database"))
+
+
+def describe_file(path: Path) -> str | None:
+    """What the file is when it is plainly not a PyTorch file (an image, a text, CSV or JSON file, an empty
+    file); None when it may be one (torch.save writes a zip archive; older files are a pickle)."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return None
+    for signature, kind in FILE_SIGNATURES:
+        if head.startswith(signature):
+            return kind
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start < len(head) - 3:  # not just a character cut at the end of the 4 kB read
+            return None
+        text = head[:err.start].decode("utf-8")
+    if "\x00" in text:
+        return None
+    first = text.lstrip().split("\n", 1)[0]
+    if first.startswith(("{", "[")):
+        return "a JSON file"
+    return "a CSV file" if "," in first else "a text file"
+
+
+def read_torch_file(flag: str, path: str | os.PathLike):
+    """torch.load(path, weights_only=True), or one sentence saying what the file is instead: an image or
+    a text file, a truncated or foreign file, or a pickle that would run code (refused, never run)."""
+    path = input_file(flag, path)
+    kind = describe_file(path)
+    if kind:
+        raise UserError(f"{flag} {path} is {kind}, not a PyTorch file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        forbidden = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if forbidden:
+            raise UserError(f"refused {path}: it holds pickled objects that are not plain tensors and data "
+                            f"({forbidden.group(1)}), which could run code on loading") from None
+        raise UserError(f"cannot read {flag} {path}: not a PyTorch file") from None
+    except Exception as err:  # torch.load's parsers raise anything on foreign bytes: KeyError, IndexError, ...
+        raise UserError(f"cannot read {flag} {path}: truncated or not a PyTorch file ({type(err).__name__})") from None
 
 
 # --------------------------------------------------------------------------- atomic writes
@@ -231,22 +332,12 @@ def make_checkpoint(state_dict: dict, config: dict, data: dict, epoch: int, hist
 
 
 def load_checkpoint(path: str | os.PathLike, flag: str = "checkpoint") -> dict:
-    """One of our checkpoints, read with weights_only=True: a file whose pickle would run code is refused.
-    `flag` names where the path came from in the messages (`checkpoint`, `--resume`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{flag} {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "forbidden object"
-        raise UserError(f"refused {path}: it holds pickled objects that are not plain tensors and data, "
-                        f"which could run code on loading ({first[:160]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise UserError(f"cannot read {flag} {path}: truncated or not a PyTorch file "
-                        f"({type(err).__name__})") from None
+    """One of our checkpoints, read with weights_only=True: a file whose pickle would run code is refused,
+    and a file that is no checkpoint of ours is named for what it is. `flag` names where the path came
+    from in the messages (`checkpoint`, `--resume`)."""
+    checkpoint = read_torch_file(flag, path)
     if not isinstance(checkpoint, dict) or not {"model", "arch", "config"} <= set(checkpoint):
-        raise UserError(f"{path} is not a checkpoint of this project (expected the keys model, arch, config)")
+        raise UserError(f"{flag} {path} is not a checkpoint of this project (expected the keys model, arch, config)")
     return checkpoint
 
 

@@ -15,7 +15,9 @@ import json
 import math
 import os
 import platform
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -31,12 +33,14 @@ import evaluate
 import models
 import optimisation
 from optimisation import Stopped
-from runtime import (NUM_GRADES, Parser, UserError, autocast, choose_device, copy_atomic, exit_on_user_error,
-                     is_pretrained, load_checkpoint, make_checkpoint, memory_format, precision, restore_model,
-                     restore_training, run_summary, save_atomic, write_text_atomic)
+from runtime import (EXIT_USER_ERROR, NUM_GRADES, Parser, UserError, autocast, check_output, check_run_name,
+                     choose_device, copy_atomic, exit_on_user_error, is_pretrained, load_checkpoint, make_checkpoint,
+                     memory_format, precision, remove_leftovers, restore_model, restore_training, run_summary,
+                     save_atomic, write_text_atomic)
 
 # Flags a resumed run may change; any other flag would make it a different run.
-RESUME_OVERRIDES = {"epochs", "workers", "device", "compile", "resume", "quiet"}
+RESUME_OVERRIDES = {"epochs", "workers", "device", "compile", "resume", "quiet", "data_root", "image_dir",
+                    "checkpoint_dir", "log_dir"}
 
 
 # --------------------------------------------------------------------------- command line
@@ -88,7 +92,11 @@ def build_parser() -> Parser:
     g.add_argument("--run-name", default=None, help="default: <model>_pretrained or <model>_scratch")
     g.add_argument("--checkpoint-dir", default="checkpoints")
     g.add_argument("--log-dir", default="logs")
-    g.add_argument("--resume", default=None, help="continue from this checkpoint (its flags are kept)")
+    g.add_argument("--resume", default=None, metavar="PATH|auto",
+                   help="continue from this checkpoint (its flags are kept); auto: from this run's last.pt when "
+                        "it exists, else start fresh (for preemptible jobs and torchrun --max-restarts)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start this run afresh over the checkpoints and logs of an earlier run of the same name")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -100,6 +108,11 @@ def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]
 
 
 def check_args(args: argparse.Namespace) -> None:
+    """One sentence for the first flag out of its range (floats must be finite: argparse takes inf and nan)."""
+    for name in ("lr", "momentum", "weight_decay", "warmup_epochs", "label_smoothing", "test_fraction",
+                 "val_fraction"):
+        if not math.isfinite(getattr(args, name)):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number, not {getattr(args, name)}")
     rules = [
         (args.epochs >= 1, "--epochs must be at least 1"),
         (args.batch_size >= 1, "--batch-size must be at least 1"),
@@ -113,34 +126,57 @@ def check_args(args: argparse.Namespace) -> None:
         (0 <= args.val_fraction < 1, "--val-fraction must lie in [0, 1)"),
         (args.image_size is None or args.image_size >= 32, "--image-size must be at least 32"),
         (args.workers is None or args.workers >= 0, "--workers must not be negative"),
+        (not (args.overwrite and args.resume), "--overwrite starts a run afresh; it cannot go with --resume"),
     ]
     for ok, message in rules:
         if not ok:
             raise UserError(message)
+    if args.run_name is not None:
+        check_run_name(args.run_name)
 
 
-def resolve_args(argv: list[str]) -> argparse.Namespace:
-    """The run's flags with every default filled in that the command line alone decides (the run name);
-    a resumed run's flags are the checkpoint's, changed only where RESUME_OVERRIDES allows."""
+def resolve_args(argv: list[str]) -> tuple[argparse.Namespace, dict | None]:
+    """The run's flags with every default filled in that the command line decides (the run name; with
+    --resume auto, whether there is a checkpoint to go on from), and the checkpoint resumed from, if any.
+    A resumed run's flags are the checkpoint's, changed only where RESUME_OVERRIDES allows."""
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(args)
+    kind = "pretrained" if is_pretrained(vars(args)) else "scratch"
+    args = argparse.Namespace(**{**vars(args), "run_name": args.run_name or f"{args.model}_{kind}"})
+    if args.resume == "auto":
+        last = Path(args.checkpoint_dir) / args.run_name / "last.pt"
+        args.resume = str(last) if last.is_file() else None
     if args.resume is None:
-        kind = "pretrained" if is_pretrained(vars(args)) else "scratch"
-        return argparse.Namespace(**{**vars(args), "run_name": args.run_name or f"{args.model}_{kind}"})
-    checkpoint = Path(args.resume)
-    if not checkpoint.is_file():
-        raise UserError(f"--resume {checkpoint}: no such file (a missing checkpoint is never a fresh start)")
-    saved = load_checkpoint(checkpoint, "--resume")["config"]
+        return args, None
+    if not Path(args.resume).exists():
+        raise UserError(f"--resume {args.resume} does not exist (a missing checkpoint is never a fresh start; "
+                        "--resume auto starts afresh when the run has none)")
+    checkpoint = load_checkpoint(args.resume, "--resume")
+    saved = checkpoint["config"]
     typed = explicit_flags(parser, argv)
     changed = sorted(d for d in typed - RESUME_OVERRIDES if getattr(args, d) != saved.get(d))
     if changed:
         flag = "--" + changed[0].replace("_", "-")
         raise UserError(f"{flag} differs from the checkpoint's ({saved.get(changed[0])}); a resumed run keeps its "
-                        f"flags except {', '.join('--' + f for f in sorted(RESUME_OVERRIDES - {'resume'}))}")
-    merged = dict(saved)
-    merged.update({d: getattr(args, d) for d in typed & RESUME_OVERRIDES}, resume=args.resume)
-    return argparse.Namespace(**merged)
+                        f"flags except {', '.join(sorted('--' + f.replace('_', '-') for f in RESUME_OVERRIDES - {'resume'}))}")
+    merged = {**saved, **{d: getattr(args, d) for d in typed & RESUME_OVERRIDES}, "resume": args.resume}
+    # the data is where the checkpoint recorded it (absolute folders), unless typed: then it has moved
+    merged.update({d: getattr(args, d) if d in typed else None for d in ("data_root", "image_dir")})
+    base = run_base(Path(args.resume), saved)
+    merged.update({d: str(base / saved[d]) for d in ("checkpoint_dir", "log_dir") if d not in typed})
+    return argparse.Namespace(**merged), checkpoint
+
+
+def run_base(checkpoint: Path, config: dict) -> Path:
+    """The folder a resumed run's relative --checkpoint-dir and --log-dir lie in: where it started, found
+    again from where its checkpoint lies (<base>/checkpoints/<run>/last.pt), so that a resume from another
+    working folder, or of a project moved elsewhere, writes beside its checkpoint; else the working folder."""
+    tail = Path(config["checkpoint_dir"]) / config["run_name"]
+    folder = checkpoint.absolute().parent
+    if not tail.is_absolute() and folder.parts[-len(tail.parts):] == tail.parts:
+        return Path(*folder.parts[:-len(tail.parts)])
+    return Path.cwd()
 
 
 def with_image_size(args: argparse.Namespace, fundus: dataloader.FundusData) -> argparse.Namespace:
@@ -182,8 +218,23 @@ def setup(args) -> tuple[Dist, torch.device]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if env.active:
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        store = restart_store(env)
+        where = {"store": store, "rank": env.rank, "world_size": env.world} if store else {}
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None, **where)
     return env, device
+
+
+def restart_store(env: Dist):
+    """The key-value store the ranks meet in, set apart per torchrun restart; None: torch's own.
+
+    torchrun shares its rendezvous store with the workers and keeps it across restarts, under the same
+    keys: after `--max-restarts` restarted the job, ranks read each other's addresses of the previous
+    attempt and gloo failed with 'Connection refused' in 7 of 12 trials here (pytorch/pytorch#135712).
+    A prefix per attempt gives every attempt keys of its own (6 of 6 restarts went through)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world, is_master=False)
+    return dist.PrefixStore(f"retina/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
 
 
 class StopRequest:
@@ -250,7 +301,7 @@ def build_loaders(args, fundus: dataloader.FundusData, env: Dist, device: torch.
         sampler = (dataloader.train_sampler(table.grades, args.sampler, env.world, env.rank, args.seed) if train
                    else dataloader.ShardSampler(len(table), env.world, env.rank))
         batch = args.batch_size if train else 2 * args.batch_size
-        return dataloader.build_loader(dataset, batch, sampler, workers, device, drop_last=False)
+        return dataloader.build_loader(dataset, batch, sampler, workers, device, train=train)
 
     loaders = {"train": loader(fundus.train, True), "test": loader(fundus.test, False)}
     if fundus.val:
@@ -311,9 +362,8 @@ class Progress:
     epochs_done: int = 0
 
 
-def resume(args, training: Training, log) -> Progress:
+def resume(args, checkpoint: dict, training: Training, log) -> Progress:
     """The checkpoint's weights, optimiser, schedule, scaler and RNG states into `training`."""
-    checkpoint = load_checkpoint(args.resume, "--resume")
     restore_model(training.raw_model, checkpoint, args.resume)
     restore_training(checkpoint, training.optimizer, training.scheduler, training.scaler)
     training.pretrained_source = checkpoint.get("pretrained_source")
@@ -344,11 +394,18 @@ def epoch_line(row: dict, epochs: int, best: bool) -> str:
             f"lr {row['lr']:.2e} | {row['seconds']:.1f}s {row['images_per_s']:.1f} img/s" + (" | best" if best else ""))
 
 
-def write_epoch(checkpoint: dict, is_best: bool, run_dir: Path, log_dir: Path, env_info: dict) -> None:
-    """last.pt (and best.pt), then the CSV and JSON logs, each replaced atomically."""
-    save_atomic(checkpoint, run_dir / "last.pt")
+def write_epoch(checkpoint: dict, is_best: bool, run_dir: Path, log_dir: Path, env_info: dict,
+                write_last: bool = True) -> None:
+    """last.pt, then best.pt (a copy of it, when the epoch is the best), then the CSV and JSON logs, each
+    replaced atomically. In this order a crash at any instant leaves the logs naming a best epoch that
+    best.pt holds; last.pt may be ahead of both, and a resume from it brings them level (repair_outputs)."""
+    if write_last:
+        save_atomic(checkpoint, run_dir / "last.pt")
     if is_best:
-        copy_atomic(run_dir / "last.pt", run_dir / "best.pt")
+        if write_last:
+            copy_atomic(run_dir / "last.pt", run_dir / "best.pt")
+        else:
+            save_atomic(checkpoint, run_dir / "best.pt")
     run_name = checkpoint["config"]["run_name"]
     log_dir.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame(checkpoint["history"])
@@ -357,57 +414,176 @@ def write_epoch(checkpoint: dict, is_best: bool, run_dir: Path, log_dir: Path, e
     write_text_atomic(log_dir / f"{run_name}.json", json.dumps(summary, indent=2, default=str))
 
 
-# --------------------------------------------------------------------------- the run
+# --------------------------------------------------------------------------- the run folder
+class RunLock:
+    """checkpoints/<run>/.lock holds "<pid> <host>" while a train.py writes that run: a second one
+    refuses to start. The lock of a process that died (SIGKILL, a node lost) is stale: its pid no
+    longer runs on this host, and the next run takes it over (torchrun restarts rely on that)."""
+
+    def __init__(self, run_dir: Path):
+        self.path, self.held = run_dir / ".lock", False
+        self.created = None  # the outermost folder acquire() created, removed again if left empty
+
+    def acquire(self, run_name: str) -> None:
+        missing = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
+        self.created = missing[-1] if missing else None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        mine = f"{os.getpid()} {socket.gethostname()}"
+        for _ in range(3):
+            try:
+                with open(self.path, "x") as f:
+                    f.write(mine + "\n")
+            except FileExistsError:
+                owner = self.path.read_text().split() if self.path.is_file() else []
+                if owner and alive(owner):
+                    raise UserError(f"run {run_name} is being trained by another train.py (pid {owner[0]} on "
+                                    f"{owner[1] if len(owner) > 1 else 'this host'}, {self.path}); wait for it to "
+                                    "end or choose another --run-name") from None
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            self.held = self.path.read_text().strip() == mine  # another taking over at the same moment wins
+            if self.held:
+                return
+        raise UserError(f"could not take the lock {self.path}; delete it if no train.py is writing this run")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+        folder = self.path.parent  # a run refused before it wrote anything leaves no empty folders behind
+        while self.created is not None and folder != self.created.parent:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: the run wrote something
+                break
+            folder = folder.parent
+
+
+def alive(owner: list[str]) -> bool:
+    """Whether the process named in a lock may still run: on another host it can't be checked, so yes."""
+    if len(owner) > 1 and owner[1] != socket.gethostname():
+        return True
+    try:
+        os.kill(int(owner[0]), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim_run(args, resumed: dict | None) -> RunLock:
+    """Before any work: the output folders writable, the run folder locked against a second train.py,
+    an earlier run of the same name never overwritten unless asked (--overwrite), and the temporary
+    files of a killed run removed. Rank 0 only; the others learn the outcome from it."""
+    check_output("--checkpoint-dir", args.checkpoint_dir, folder=True)
+    check_output("--log-dir", args.log_dir, folder=True)
+    run_dir, log_dir = Path(args.checkpoint_dir) / args.run_name, Path(args.log_dir)
+    lock = RunLock(run_dir)
+    lock.acquire(args.run_name)
+    earlier = [run_dir / name for name in ("last.pt", "best.pt") if (run_dir / name).is_file()]
+    if earlier and resumed is None:
+        if not args.overwrite:
+            lock.release()
+            raise UserError(f"{run_dir} already holds a checkpoint of run {args.run_name}; continue it with "
+                            f"--resume {shlex.quote(str(run_dir / 'last.pt'))} (or --resume auto), start another "
+                            "with --run-name NAME, or replace it with --overwrite")
+        for path in earlier + [log_dir / f"{args.run_name}.csv", log_dir / f"{args.run_name}.json"]:
+            path.unlink(missing_ok=True)
+    for name in ("last.pt", "best.pt"):
+        remove_leftovers(run_dir, name)
+    for name in (f"{args.run_name}.csv", f"{args.run_name}.json"):
+        remove_leftovers(log_dir, name)
+    return lock
+
+
+def agree_on_claim(args, resumed, env: Dist) -> RunLock | None:
+    """claim_run on rank 0, its verdict broadcast: every rank goes on, or every rank stops."""
+    lock, error = None, None
+    if env.main:
+        try:
+            lock = claim_run(args, resumed)
+        except UserError as err:
+            error = str(err)
+    if env.active:
+        verdict = [error]
+        dist.broadcast_object_list(verdict, 0)
+        error = verdict[0]
+    if error is not None:
+        if not env.main:
+            sys.exit(EXIT_USER_ERROR)  # rank 0 prints the sentence
+        raise UserError(error)
+    return lock
+
+
+def repair_outputs(checkpoint: dict, run_dir: Path, log_dir: Path, env_info: dict, log) -> None:
+    """A run killed while it wrote an epoch leaves last.pt ahead of best.pt (written second) or of the
+    logs (written last); resuming from last.pt brings them level before anything else happens."""
+    best, epoch = run_dir / "best.pt", checkpoint["epoch"]
+    stale_best = checkpoint["best_epoch"] == epoch and (not best.is_file() or load_checkpoint(best)["epoch"] != epoch)
+    summary = log_dir / f"{checkpoint['config']['run_name']}.json"
+    stale_logs = not summary.is_file() or json.loads(summary.read_text()).get("epochs_done") != epoch
+    if stale_best or stale_logs:
+        log(f"brought {'best.pt and ' if stale_best else ''}the logs level with epoch {epoch} of the checkpoint "
+            "(the run had stopped while writing them)")
+        write_epoch(checkpoint, stale_best, run_dir, log_dir, env_info, write_last=False)
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    args = resolve_args(argv)
+    args, resumed = resolve_args(argv)
     env, device = setup(args)
     # flush: epoch lines must reach a log file or `| tee` as they happen, not when a buffer fills
     log = functools.partial(print, flush=True) if env.main else (lambda *a, **k: None)
-    stop = StopRequest(env, device)
+    stop, lock = StopRequest(env, device), None
     try:
-        run(args, env, device, stop, log)
-    except Stopped as s:
-        last = Path(args.checkpoint_dir) / args.run_name / "last.pt"
-        held = f"{last} holds epoch {s.epoch - 1}" if last.is_file() else "no epoch had finished, so no checkpoint"
-        log(f"{s}; {held}" + (f"; resume with: python train.py --resume {last}" if last.is_file() else ""))
-        sys.exit(128 + stop.signum)
+        lock = agree_on_claim(args, resumed, env)
+        run(args, resumed, env, device, stop, log)
     finally:
         stop.restore()
+        if lock is not None:
+            lock.release()
         if env.active and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def run(args, env: Dist, device: torch.device, stop: StopRequest, log) -> None:
+def run(args, resumed: dict | None, env: Dist, device: torch.device, stop: StopRequest, log) -> None:
     """The whole run: data, model and optimiser, a resume if asked for, then the epochs."""
-    fundus = dataloader.load_fundus_data(args.data_root, args.image_dir, args.test_fraction, args.val_fraction,
-                                         args.split_seed, log=log)
+    if resumed is None:
+        fundus = dataloader.load_fundus_data(args.data_root, args.image_dir, args.test_fraction,
+                                             args.val_fraction, args.split_seed, log=log)
+    else:  # the run's own data, from any working folder
+        fundus = dataloader.load_run_data(resumed["config"], resumed.get("data", {}), args.data_root,
+                                          args.image_dir, log=log)
     args = with_image_size(args, fundus)
-    counts = dataloader.class_counts(fundus.train.grades)
-    log(f"data: {fundus.layout} layout at {fundus.root} | train {len(fundus.train)} test {len(fundus.test)}"
-        + (f" val {len(fundus.val)}" if fundus.val else "")
-        + f" | train grades {counts.tolist()} | {args.image_size}px")
+    sizes = " ".join(f"{split} {len(table)}" for split, table in fundus.splits().items())
+    counts = dataloader.class_counts(fundus.train.grades).tolist()
+    log(f"data: {fundus.layout} layout at {fundus.root} | {sizes} | train grades {counts} | {args.image_size}px")
     training = build_training(args, fundus, env, device, log)
-    done = resume(args, training, log) if args.resume else Progress()
+    env_info, run_dir = environment(device, env), Path(args.checkpoint_dir) / args.run_name
+    done = resume(args, resumed, training, log) if resumed else Progress()
+    if resumed and env.main:
+        repair_outputs(resumed, run_dir, Path(args.log_dir), env_info, log)
     if done.epochs_done >= args.epochs:
         log(f"nothing to do: the checkpoint already holds epoch {done.epochs_done} of --epochs {args.epochs}")
         return
-    run_dir = Path(args.checkpoint_dir) / args.run_name
-    if env.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    data_info = {"layout": fundus.layout, "root": str(fundus.root), "image_dir": str(fundus.image_dir),
-                 "train_counts": counts.tolist(), "prepare": fundus.prepare_options()}
-    env_info = environment(device, env)
-    precision_name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(training.amp_dtype, "fp32")
-    log(f"run {args.run_name}: {args.model} on {env_info['device']} x{env.world} | {precision_name} | "
+    log(f"run {args.run_name}: {args.model} on {env_info['device']} x{env.world} | "
+        f"{ {torch.bfloat16: 'bf16', torch.float16: 'fp16'}.get(training.amp_dtype, 'fp32')} | "
         f"{'channels_last' if args.channels_last else 'NCHW'} | batch {args.batch_size}x{env.world}"
         f"x{args.grad_accum_steps} | {training.loaders['train'].num_workers} workers")
     stop.install()
-    for epoch in range(done.epochs_done + 1, args.epochs + 1):
-        train_epoch(args, training, done, epoch, env, stop, log)
-        if env.main:
-            save_epoch(args, training, done, data_info, env_info)
+    try:
+        for epoch in range(done.epochs_done + 1, args.epochs + 1):
+            train_epoch(args, training, done, epoch, env, stop, log)
+            if env.main:
+                save_epoch(args, training, done, fundus.record(), env_info)
+    except Stopped as stopped:
+        last = run_dir / "last.pt"
+        held = (f"{last} holds epoch {done.epochs_done}; resume with: python train.py --resume "
+                f"{shlex.quote(str(last))}" if done.epochs_done else "no epoch had finished, so no checkpoint")
+        log(f"{stopped}; {held}")
+        sys.exit(128 + stop.signum)
     log(f"done: best {select(training)} {done.best_metric:.2%} at epoch {done.best_epoch}; {run_dir}/best.pt, "
         f"{args.log_dir}/{args.run_name}.csv")
 

@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 import fundus
 from dataloader import LAB_FILES, default_workers, patient_split, read_labels_table
-from runtime import (Parser, UserError, atomic_write, exit_on_user_error, map_in_processes, remove_leftovers,
-                     write_text_atomic)
+from runtime import (Parser, UserError, atomic_write, exit_on_user_error, input_file, input_folder, map_in_processes,
+                     remove_leftovers, write_text_atomic)
 
 FAILURES_FILE = "prepare_failures.txt"
 OPTIONS_FILE = "prepare_options.json"
@@ -58,8 +58,7 @@ def prepare_pair(paths: tuple[Path, Path], size: int, ben_graham: bool, quality:
 # --------------------------------------------------------------------------- the folder
 def list_photos(src_dir: Path) -> list[Path]:
     """The image files directly in src_dir, sorted; one sentence when there are none or names clash."""
-    if not src_dir.is_dir():
-        raise UserError(f"SRC_DIR {src_dir} does not exist or is not a folder")
+    input_folder("SRC_DIR", src_dir)
     photos = fundus.image_files(src_dir)
     if not photos:
         raise UserError(f"SRC_DIR {src_dir} holds no {'/'.join(fundus.IMAGE_EXTENSIONS)} files "
@@ -197,19 +196,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def read_labels(path: Path | None):
+def read_labels(path: Path | None, photos: list[Path]):
+    """The --labels table, refused when no name in it matches a photo (the wrong table or SRC_DIR)."""
     if path is None:
         return None
-    if not path.is_file():
-        raise UserError(f"--labels {path} does not exist")
-    return read_labels_table(path)
+    table = read_labels_table(input_file("--labels", path))
+    names = [strip_extension(n) for n in table["name"]]
+    stems = {p.stem for p in photos}
+    if not stems.intersection(names):
+        raise UserError(f"none of the {len(names)} names in --labels {path} (first: {', '.join(names[:3])}) "
+                        f"matches a photo in SRC_DIR (first: {', '.join(sorted(stems)[:3])})")
+    return table
 
 
 @exit_on_user_error
 def main(argv=None) -> int:
     args = parse_args(argv)
     photos = list_photos(args.src_dir)
-    table = read_labels(args.labels)  # before the crops: a bad table should not wait hours to fail
+    table = read_labels(args.labels, photos)  # before the crops: a bad table should not wait hours to fail
     out_dir = args.dst_dir / "images"
     out_dir.mkdir(parents=True, exist_ok=True)
     check_options(args.dst_dir, args.size, args.ben_graham)

@@ -93,6 +93,7 @@ def no_network(monkeypatch):
     def refuse(*args, **kwargs):
         raise OSError("network unreachable (test)")
     monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    monkeypatch.setattr(models, "url_unreachable", lambda url, timeout=5: "the network is unreachable (test)")
 
 
 @pytest.mark.parametrize("arch,filename", [("resnet18", "resnet18-f37072fd.pth"),

@@ -155,7 +155,7 @@ def test_torchrun_two_processes_gloo(tiny_demo, tmp_path, repo_root):
 @pytest.mark.parametrize("flags,expected", [
     (["--model", "resnet19"], "argument --model: invalid choice: 'resnet19'"),
     (["--epochs", "-3"], "--epochs must be at least 1"),
-    (["--resume", "nowhere/last.pt"], "--resume nowhere/last.pt: no such file"),
+    (["--resume", "nowhere/last.pt"], "--resume nowhere/last.pt does not exist"),
     (["--lr", "0"], "--lr must be positive"),
     (["--val-fraction", "1.5"], "--val-fraction must lie in [0, 1)"),
 ])
@@ -282,7 +282,7 @@ def test_each_training_flag_changes_the_trained_weights(tiny_demo, tmp_path, fla
 
 
 def test_balanced_sampler_is_what_the_run_draws_from(tiny_demo):
-    args = train.resolve_args(base_args(tiny_demo, tiny_demo.parent, "--sampler", "balanced"))
+    args, _ = train.resolve_args(base_args(tiny_demo, tiny_demo.parent, "--sampler", "balanced"))
     fundus = dataloader.load_fundus_data(tiny_demo)
     loaders = train.build_loaders(train.with_image_size(args, fundus), fundus, train.Dist(), torch.device("cpu"))
     assert isinstance(loaders["train"].sampler, dataloader.BalancedSampler)

@@ -1,0 +1,145 @@
+"""Bad input, one table: every case exits 2 with one line that names the flag, file or row, prints no
+traceback, and leaves every checkpoint and log already there byte for byte as it was."""
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+import plot
+import synthetic
+import train
+from data import prepare
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """A workspace as a user has it after a first run: a trained checkpoint, its logs and an evaluation,
+    plus the wrong files people pass by mistake."""
+    ws = tmp_path_factory.mktemp("ws")
+    demo = synthetic.generate_demo(ws / "demo", n_train=24, n_test=8, size=32, seed=0, quiet=True)
+    common = ["--data-root", str(demo), "--batch-size", "8", "--workers", "0", "--quiet",
+              "--checkpoint-dir", str(ws / "checkpoints"), "--log-dir", str(ws / "logs")]
+    train.main([*common, "--epochs", "1"])
+    ckpt = ws / "checkpoints" / "resnet18_scratch" / "last.pt"
+    evaluate.main([str(ckpt), "--workers", "0", "--quiet", "--figure-dir", str(ws / "figures")])
+    (ws / "notes.txt").write_text("a checkpoint? no: notes\n")
+    (ws / "table.csv").write_text("image,level\n1_left,0\n")
+    (ws / "header.csv").write_text("image,level\n")
+    (ws / "nomatch.csv").write_text("image,level\n999_left,2\n")
+    (ws / "run.json").write_text(json.dumps({"epoch": 1}))
+    (ws / "empty.pt").write_bytes(b"")
+    Image.new("RGB", (8, 8)).save(ws / "photo.png")
+    (ws / "a_folder").mkdir()
+    (ws / "empty_folder").mkdir()
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, ws / "foreign.pt")
+    mislabelled = torch.load(ckpt, weights_only=True)
+    mislabelled["arch"] = mislabelled["config"]["model"] = "resnet34"
+    torch.save(mislabelled, ws / "mislabelled.pt")
+    (ws / "raw").mkdir()
+    Image.new("RGB", (60, 40), (150, 60, 20)).save(ws / "raw" / "10_left.jpeg")
+    (ws / "bad_logs").mkdir()
+    (ws / "bad_logs" / "r.json").write_text('{"arch": "resnet18", oops')
+    return {"ws": ws, "ckpt": ckpt, "common": common}
+
+
+T, E, P, R = train.main, evaluate.main, plot.main, prepare.main
+# (script, arguments with {ws} and {ckpt} filled in, what the one line must say). {T} is train.py's common
+# arguments: the workspace's data, checkpoint and log folders.
+CASES = [
+    (T, "{T} --model resnet19", "argument --model: invalid choice: 'resnet19'"),
+    (T, "{T} --epochs 0", "--epochs must be at least 1"),
+    (T, "{T} --batch-size 0", "--batch-size must be at least 1"),
+    (T, "{T} --lr 0", "--lr must be positive"),
+    (T, "{T} --lr nan", "--lr must be a finite number, not nan"),
+    (T, "{T} --warmup-epochs inf", "--warmup-epochs must be a finite number, not inf"),
+    (T, "{T} --momentum -1", "--momentum must not be negative"),
+    (T, "{T} --label-smoothing 1.5", "--label-smoothing must lie in [0, 1)"),
+    (T, "{T} --val-fraction 1", "--val-fraction must lie in [0, 1)"),
+    (T, "{T} --test-fraction 0", "--test-fraction must lie between 0 and 1"),
+    (T, "{T} --image-size 16", "--image-size must be at least 32"),
+    (T, "{T} --workers -1", "--workers must not be negative"),
+    (T, "{T} --grad-accum-steps 0", "--grad-accum-steps must be at least 1"),
+    (T, "{T} --run-name a/b", "--run-name 'a/b' must be a plain file name"),
+    (T, "{T} --run-name ..", "--run-name '..' must be a plain file name"),
+    (T, "{T} --run-name=", "--run-name '' must be a plain file name"),
+    (T, "{T} --epochs 1", "already holds a checkpoint of run resnet18_scratch"),
+    (T, "--resume {ws}/nowhere.pt", "--resume {ws}/nowhere.pt does not exist"),
+    (T, "--resume {ws}/a_folder", "--resume {ws}/a_folder is a folder, expected a file"),
+    (T, "--resume {ws}/notes.txt", "--resume {ws}/notes.txt is a text file, not a PyTorch file"),
+    (T, "--resume {ws}/table.csv", "--resume {ws}/table.csv is a CSV file, not a PyTorch file"),
+    (T, "--resume {ws}/run.json", "--resume {ws}/run.json is a JSON file, not a PyTorch file"),
+    (T, "--resume {ws}/photo.png", "--resume {ws}/photo.png is a PNG image, not a PyTorch file"),
+    (T, "--resume {ws}/empty.pt", "--resume {ws}/empty.pt is an empty file, not a PyTorch file"),
+    (T, "--resume {ws}/foreign.pt", "--resume {ws}/foreign.pt is not a checkpoint of this project"),
+    (T, "--resume {ckpt} --lr 0.5", "--lr differs from the checkpoint's (0.001)"),
+    (T, "--resume {ws}/mislabelled.pt --epochs 2", "says arch resnet34 but its weights do not fit resnet34"),
+    (T, "{T} --overwrite --resume {ckpt}", "--overwrite starts a run afresh; it cannot go with --resume"),
+    (T, "{T} --run-name x --checkpoint-dir {ws}/notes.txt", "--checkpoint-dir {ws}/notes.txt is a file, expected a folder"),
+    (T, "{T} --run-name x --log-dir {ws}/notes.txt/logs", "--log-dir {ws}/notes.txt/logs cannot be created: {ws}/notes.txt is a file"),
+    (T, "{T} --run-name x --data-root {ws}/nowhere", "--data-root {ws}/nowhere does not exist"),
+    (T, "{T} --run-name x --data-root {ws}/notes.txt", "--data-root {ws}/notes.txt is a file, expected a folder"),
+    (T, "{T} --run-name x --data-root {ws}/empty_folder", "--data-root {ws}/empty_folder holds no dataset"),
+    (T, "{T} --run-name x --image-dir {ws}/nowhere", "--image-dir {ws}/nowhere does not exist"),
+    (T, "{T} --run-name x --weights {ws}/notes.txt", "--weights {ws}/notes.txt is a text file, not a PyTorch file"),
+    (T, "{T} --run-name x --weights {ws}/nowhere.pth", "--weights {ws}/nowhere.pth does not exist"),
+    (E, "{ws}/nowhere.pt", "checkpoint {ws}/nowhere.pt does not exist"),
+    (E, "{ws}/a_folder", "checkpoint {ws}/a_folder is a folder, expected a file"),
+    (E, "{ws}/notes.txt", "checkpoint {ws}/notes.txt is a text file, not a PyTorch file"),
+    (E, "{ws}/photo.png", "checkpoint {ws}/photo.png is a PNG image, not a PyTorch file"),
+    (E, "{ws}/run.json", "checkpoint {ws}/run.json is a JSON file, not a PyTorch file"),
+    (E, "{ws}/foreign.pt", "checkpoint {ws}/foreign.pt is not a checkpoint of this project"),
+    (E, "{ckpt} --batch-size 0", "--batch-size must be at least 1"),
+    (E, "{ckpt} --workers -1", "--workers must not be negative"),
+    (E, "{ckpt} --cam-per-grade -2", "--cam-per-grade must not be negative"),
+    (E, "{ckpt} --cam {ws}/cams", "--cam needs --images"),
+    (E, "{ckpt} --out {ws}/a_folder", "--out {ws}/a_folder is a folder, expected a file path"),
+    (E, "{ckpt} --figure-dir {ws}/notes.txt", "--figure-dir {ws}/notes.txt is a file, expected a folder"),
+    (E, "{ckpt} --images {ws}/raw --cam {ws}/notes.txt", "--cam {ws}/notes.txt is a file, expected a folder"),
+    (E, "{ckpt} --images {ws}/nowhere.jpeg", "--images {ws}/nowhere.jpeg: no such file"),
+    (E, "{ckpt} --split val", "--split val: the run held out no validation part"),
+    (E, "{ckpt} --data-root {ws}/nowhere", "--data-root {ws}/nowhere does not exist"),
+    (E, "{ws}/mislabelled.pt", "says arch resnet34 but its weights do not fit resnet34"),
+    (P, "{ws}/nowhere", "log folder {ws}/nowhere does not exist"),
+    (P, "{ws}/notes.txt", "LOGDIR {ws}/notes.txt is a file, expected a folder"),
+    (P, "{ws}/logs --out {ws}/notes.txt", "--out {ws}/notes.txt is a file, expected a folder"),
+    (P, "{ws}/bad_logs", "{ws}/bad_logs/r.json is not valid JSON"),
+    (P, "{ws}/empty_folder", "{ws}/empty_folder holds no run logs"),
+    (R, "{ws}/nowhere {ws}/out", "SRC_DIR {ws}/nowhere does not exist"),
+    (R, "{ws}/notes.txt {ws}/out", "SRC_DIR {ws}/notes.txt is a file, expected a folder"),
+    (R, "{ws}/empty_folder {ws}/out", "SRC_DIR {ws}/empty_folder holds no"),
+    (R, "{ws}/raw {ws}/out --size 8", "--size 8 is too small"),
+    (R, "{ws}/raw {ws}/out --quality 0", "--quality 0 must lie between 1 and 100"),
+    (R, "{ws}/raw {ws}/out --workers 0", "--workers 0 must be at least 1"),
+    (R, "{ws}/raw {ws}/out --labels {ws}/nowhere.csv", "--labels {ws}/nowhere.csv does not exist"),
+    (R, "{ws}/raw {ws}/out --labels {ws}/a_folder", "--labels {ws}/a_folder is a folder, expected a file"),
+    (R, "{ws}/raw {ws}/out --labels {ws}/header.csv", "{ws}/header.csv has a header but no rows"),
+    (R, "{ws}/raw {ws}/out --labels {ws}/nomatch.csv", "--labels {ws}/nomatch.csv"),
+    (R, "{ws}/raw {ws}/out --labels {ws}/notes.txt", "{ws}/notes.txt has columns"),
+]
+
+
+def test_the_corpus_is_large_and_covers_every_script():
+    assert len(CASES) >= 40
+    assert {script for script, _, _ in CASES} == {T, E, P, R}
+
+
+def snapshot(ws):
+    return {p: p.read_bytes() for folder in ("checkpoints", "logs") for p in sorted((ws / folder).rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.parametrize("script,arguments,expected", CASES, ids=[f"{s.__module__}:{a}" for s, a, _ in CASES])
+def test_bad_input_is_one_sentence_exit_2_and_nothing_lost(ws, capsys, script, arguments, expected):
+    fill = {"ws": ws["ws"], "ckpt": ws["ckpt"], "T": " ".join(ws["common"])}
+    argv = arguments.format(**fill).split(" ")
+    before = snapshot(ws["ws"])
+    with pytest.raises(SystemExit) as exit_info:
+        script(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert expected.format(**fill) in err, err
+    assert snapshot(ws["ws"]) == before
+    assert not (ws["ws"] / "out").exists()  # prepare.py made no DST_DIR
