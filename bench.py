@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 
 import dataloader
 import evaluate
+import fundus
 import models
 import optimisation
 import synthetic
@@ -306,6 +307,49 @@ def bench_eval(table: dataloader.FundusTable, arch: str, size: int, batch: int, 
     return out
 
 
+# --------------------------------------------------------------------------- camera photographs
+CAMERA_SIZE = (4000, 3000)  # 12 MP, a fundus camera's full-size file
+
+
+def camera_jpeg(path: Path) -> Path:
+    """A 12 MP camera JPEG: a drawn eye 2,800 px across, centred in a black 4:3 frame, with a sensor's noise
+    (sigma 6): about 3 MB like a camera's file. Without the noise a drawn photo compresses to a tenth of that
+    and decodes twice as fast as a real one."""
+    frame = Image.new("RGB", CAMERA_SIZE)
+    eye = synthetic.draw_fundus(2, 2800, np.random.default_rng(0))
+    frame.paste(eye, ((CAMERA_SIZE[0] - 2800) // 2, (CAMERA_SIZE[1] - 2800) // 2))
+    noise = np.random.default_rng(1).normal(0, 6, (CAMERA_SIZE[1], CAMERA_SIZE[0], 3)).astype(np.float32)
+    Image.fromarray(np.clip(np.asarray(frame, np.float32) + noise, 0, 255).astype(np.uint8)).save(path, quality=92)
+    return path
+
+
+def bench_camera_jpeg(work: Path, rounds: int, size: int = 512) -> dict:
+    """Milliseconds per 12 MP camera JPEG: what data/prepare.py does with each photo (fundus.prepare_photo:
+    decode, assess, crop, save at `size`) and what evaluate.py --images does before the model (PhotoDataset's
+    item), each with the JPEG decoded at a reduced scale (draft mode, as both do) and at full size."""
+    path = camera_jpeg(work / "camera.jpeg")
+    dataset = evaluate.PhotoDataset([path], size)
+
+    def timed(fn, draft: bool):
+        def run():
+            fundus.DRAFT_FACTOR = 2 if draft else 1e6  # asks for more than the full size: no reduction
+            try:
+                fn()
+            finally:
+                fundus.DRAFT_FACTOR = 2
+        return run
+
+    def prepare():
+        fundus.prepare_photo(path, work / "camera_crop.jpeg", size, False)
+
+    rates = interleaved_rates({"prepare.py, draft decode": timed(prepare, True),
+                               "prepare.py, full decode": timed(prepare, False),
+                               "--images, draft decode": timed(lambda: dataset[0], True),
+                               "--images, full decode": timed(lambda: dataset[0], False)}, 1, rounds)
+    assert dataset[0][2] == evaluate.GRADED, dataset[0][3]  # the photo is graded, not turned away early
+    return {name: 1e3 / rate for name, rate in rates.items()}
+
+
 # --------------------------------------------------------------------------- host memory
 def tree_memory(pid: int) -> tuple[int, int]:
     """(sum of PSS, sum of RSS) over a process and its children. PSS shares forked pages fairly."""
@@ -448,6 +492,12 @@ def report_cpu(r: dict) -> str:
     e = r["eval"]
     parts.append(table(f"Evaluation images/s, {r['eval_arch']} at {r['train_size']} px", ["plain", "TTA x8", "ratio"],
                        [[f"{e['plain']:.1f}", f"{e['tta']:.1f}", f"{e['tta'] / e['plain']:.3f}"]]))
+    if "camera" in r:
+        c = r["camera"]
+        rows = [[who, f"{c[f'{who}, draft decode']:.0f}", f"{c[f'{who}, full decode']:.0f}",
+                 f"{c[f'{who}, full decode'] / c[f'{who}, draft decode']:.2f}x"] for who in ("prepare.py", "--images")]
+        parts.append(table(f"One 12 MP camera JPEG ({CAMERA_SIZE[0]}x{CAMERA_SIZE[1]}) to a 512 px crop, ms",
+                           ["path", "draft decode (ours)", "full decode", "speed-up"], rows))
     mem = r["memory"]
     rows = [[f"{int(n):,}", f"{v['peak_pss_mb']:.0f}", f"{v['peak_rss_sum_mb']:.0f}"] for n, v in mem.items() if n != "ratio"]
     parts.append(table(f"Peak host memory of one training epoch, main process + {r['workers']} workers "
@@ -546,6 +596,7 @@ def run_cpu(work: Path, quick: bool, workers: int) -> dict:
         "eval_arch": "resnet18",
         "eval": bench_eval(train_set.train, "resnet18", train_size, 2 * train_batch, workers, torch.device("cpu"), False),
         "memory": bench_memory(work, 600 if q else 28_100, 32, workers),
+        "camera": bench_camera_jpeg(work, rounds=1 if q else 7),
     }
 
 

@@ -27,7 +27,7 @@ import fundus
 import models
 from runtime import (GRADE_NAMES, NUM_GRADES, Parser, UserError, autocast, check_output, choose_device,
                      exit_on_user_error, is_pretrained, load_checkpoint, memory_format, precision, progress,
-                     restore_model)
+                     restore_model, worker_signals, write_text_atomic)
 
 GRADES = list(range(NUM_GRADES))
 
@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--images", nargs="+", default=None, metavar="PATH",
                    help="grade these image files, or the images directly inside these folders")
     g.add_argument("--cam", default=None, metavar="DIR",
-                   help="with --images: a Grad-CAM figure per photo, beside a copy of it, in DIR")
+                   help="with --images: a Grad-CAM figure per graded photo, beside a copy of it, in DIR")
+    g.add_argument("--force", action="store_true",
+                   help="with --images: grade photos the quality check calls ungradable too (the reason is kept)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -202,33 +204,49 @@ def collect_images(paths: list[str]) -> list[Path]:
     return found
 
 
-class PhotoDataset(torch.utils.data.Dataset):
-    """New photographs, preprocessed as the test split was: an eye crop goes through the same
-    load_square as the training data; a raw camera photo is first cropped to the eye as data/prepare.py
-    does (and Ben Graham-normalised when the training data was). The second item is the row, or -1
-    for a file that is no readable image."""
+# What --images answers for every file (the CSV's status column).
+GRADED, UNGRADABLE, UNREADABLE = "graded", "ungradable", "unreadable"
 
-    def __init__(self, paths: list[Path], size: int, ben_graham: bool = False):
-        self.paths, self.size, self.ben_graham = paths, size, ben_graham
+
+class PhotoDataset(torch.utils.data.Dataset):
+    """New photographs, judged and preprocessed as the test split was. Each is decoded at a reduced JPEG
+    scale and assessed (fundus.load_photo, fundus.assess: a gradable colour fundus photo, or why not), then
+    an eye crop goes through the same load_square as the training data and
+    a raw camera photo is cropped to the eye as data/prepare.py does (and Ben Graham-normalised when the
+    training data was). Items: (uint8 image, index, status, reason); a blank image unless graded. With force,
+    ungradable photos are graded anyway, their reason kept."""
+
+    def __init__(self, paths: list[Path], size: int, ben_graham: bool = False, force: bool = False):
+        self.paths, self.size, self.ben_graham, self.force = paths, size, ben_graham, force
 
     def __len__(self):
         return len(self.paths)
 
     def load(self, path: Path):
-        from PIL import Image
-
-        with Image.open(path) as img:
-            img.load()
-        if fundus.is_eye_crop(img):
-            return dataloader.load_square(str(path), self.size)
-        crop = fundus.crop_eye(img, self.size)
-        return fundus.ben_graham(crop) if self.ben_graham else crop
+        photo, quality = fundus.load_photo(path, self.size)
+        if not quality.gradable and not self.force:
+            return None, UNGRADABLE, quality.reason
+        if quality.field is None or fundus.is_eye_crop(photo, quality.field):
+            return dataloader.load_square(str(path), self.size), GRADED, quality.reason
+        crop = fundus.crop_eye(photo, self.size, quality.field)
+        return (fundus.ben_graham(crop, self.size / 2) if self.ben_graham else crop), GRADED, quality.reason
 
     def __getitem__(self, i):
+        from PIL import Image
+
         try:
-            return dataloader.to_uint8_chw(self.load(self.paths[i])), i
-        except (OSError, ValueError, SyntaxError):  # PIL's errors for files that are no image
-            return torch.zeros(self.size, self.size, 3, dtype=torch.uint8).permute(2, 0, 1), -1 - i
+            image, status, reason = self.load(self.paths[i])
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
+            image, status, reason = None, UNREADABLE, f"not a readable image ({' '.join(str(err).split())})"
+        if image is None:  # a blank in the batch: never shown to the model
+            return torch.zeros(self.size, self.size, 3, dtype=torch.uint8).permute(2, 0, 1), i, status, reason
+        return dataloader.to_uint8_chw(image), i, status, reason
+
+
+def collate_photos(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
+    """PhotoDataset items as one uint8 batch (as the training data's), their indices, statuses and reasons."""
+    images, index = dataloader.collate_fundus([(image, i) for image, i, _, _ in batch])
+    return images, index, [item[2] for item in batch], [item[3] for item in batch]
 
 
 def grad_cam(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -242,34 +260,41 @@ def grad_cam(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> t
     return cam / cam.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
 
 
+PHOTO_COLUMNS = ["path", "status", "reason", "grade", "confidence", *[f"p{g}" for g in GRADES]]
+
+
 def predict_photos(checkpoint: dict, paths: list[Path], device: torch.device, batch_size: int, workers: int,
-                   tta: bool, cam_dir: Path | None = None, show: bool = False):
-    """(a table path, grade, confidence, p0-p4; the files skipped as no readable image)."""
+                   tta: bool, cam_dir: Path | None = None, force: bool = False, show: bool = False):
+    """One row per file, in order (PHOTO_COLUMNS): graded photos with their grade, confidence and
+    probabilities; ungradable and unreadable ones with the reason and empty numbers."""
     import pandas as pd
 
     model, transform, ctx = inference_setup(checkpoint, paths[0], device)
     prepared = checkpoint.get("data", {}).get("prepare") or {}
-    dataset = PhotoDataset(paths, checkpoint["image_size"], prepared.get("ben_graham", False))
-    loader = dataloader.build_loader(dataset, batch_size, dataloader.ShardSampler(len(dataset)), workers, device)
-    rows, skipped = [], []
+    dataset = PhotoDataset(paths, checkpoint["image_size"], prepared.get("ben_graham", False), force)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                         collate_fn=collate_photos, worker_init_fn=worker_signals)
     outputs = cam_outputs(paths, cam_dir) if cam_dir is not None else None
-    for images, index in progress(loader, len(loader), "grade", show):
-        skipped += [paths[-1 - i] for i in index.tolist() if i < 0]
-        keep = index >= 0
-        if not keep.any():
+    rows = {}
+    for images, index, statuses, reasons in progress(loader, len(loader), "grade", show):
+        for i, status, reason in zip(index.tolist(), statuses, reasons):
+            rows[i] = {"path": str(paths[i]), "status": status, "reason": reason}
+        graded = torch.tensor([status == GRADED for status in statuses])
+        if not graded.any():
             continue
-        images, index = images[keep], index[keep]
+        images, index = images[graded], index[graded]
         x = transform(images.to(device, non_blocking=True))
         probs = softmax_over_views(model, x, ctx, tta).cpu()
         grades = probs.argmax(1)
-        if cam_dir is not None:
+        if outputs is not None:
             cams = grad_cam(model, x, grades.to(device)).cpu()
             for j, i in enumerate(index.tolist()):
                 save_cam(paths[i], images[j], cams[j], int(grades[j]), float(probs[j, grades[j]]), *outputs[i])
         for j, i in enumerate(index.tolist()):
-            rows.append({"path": str(paths[i]), "grade": int(grades[j]), "confidence": float(probs[j, grades[j]]),
-                         **{f"p{g}": float(probs[j, g]) for g in GRADES}})
-    return pd.DataFrame(rows, columns=["path", "grade", "confidence", *[f"p{g}" for g in GRADES]]), skipped
+            rows[i].update(grade=int(grades[j]), confidence=float(probs[j, grades[j]]),
+                           **{f"p{g}": float(probs[j, g]) for g in GRADES})
+    table = pd.DataFrame([rows[i] for i in range(len(paths))], columns=PHOTO_COLUMNS)
+    return table.astype({"grade": "Int64"})
 
 
 def cam_outputs(paths: list[Path], cam_dir: Path) -> list[tuple[Path | None, Path]]:
@@ -324,21 +349,25 @@ def cam_samples(checkpoint: dict, table: dataloader.FundusTable, per_grade: int,
 def grade_photos(args, checkpoint: dict, device: torch.device, workers: int) -> None:
     paths = collect_images(args.images)
     cam_dir = Path(args.cam) if args.cam else None
-    table, skipped = predict_photos(checkpoint, paths, device, args.batch_size, workers, args.tta, cam_dir,
-                                    show=not args.quiet)
+    table = predict_photos(checkpoint, paths, device, args.batch_size, workers, args.tta, cam_dir, args.force,
+                           show=not args.quiet)
     for row in table.itertuples():
-        probs = " ".join(f"{getattr(row, f'p{g}'):.3f}" for g in GRADES)
-        print(f"{row.path}\tgrade {row.grade} ({GRADE_NAMES[row.grade]})\tconfidence {row.confidence:.1%}"
-              f"\tp0-p4 {probs}")
+        if row.status == GRADED:
+            probs = " ".join(f"{getattr(row, f'p{g}'):.3f}" for g in GRADES)
+            warning = f"\t(graded with --force: {row.reason})" if row.reason else ""
+            print(f"{row.path}\tgraded\tgrade {row.grade} ({GRADE_NAMES[row.grade]})\tconfidence "
+                  f"{row.confidence:.1%}\tp0-p4 {probs}{warning}")
+        else:
+            print(f"{row.path}\t{row.status}\t{row.reason}")
+    counts = table["status"].value_counts()
+    print(f"{len(table)} files: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in (GRADED, UNGRADABLE, UNREADABLE))
+          + ("" if args.force or not counts.get(UNGRADABLE) else "; --force grades ungradable photos anyway"))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(args.out, index=False, float_format="%.6f")
+        write_text_atomic(args.out, table.to_csv(index=False, float_format="%.6f"))
         print(f"wrote {args.out}")
-    if cam_dir is not None and len(table):
-        print(f"wrote {len(table)} Grad-CAM figures to {cam_dir}/")
-    if skipped:
-        shown = ", ".join(str(p) for p in skipped[:10]) + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else "")
-        print(f"skipped {len(skipped)} files that are no readable image: {shown}", file=sys.stderr)
+    if cam_dir is not None and counts.get(GRADED):
+        print(f"wrote {counts.get(GRADED)} Grad-CAM figures to {cam_dir}/")
 
 
 def evaluate_split_command(args, checkpoint: dict, device: torch.device, workers: int) -> None:
@@ -377,7 +406,8 @@ def check_args(args) -> None:
              (args.workers is None or args.workers >= 0, "--workers must not be negative"),
              (args.cam_per_grade >= 0, "--cam-per-grade must not be negative"),
              (not args.cam or args.images, "--cam needs --images (for a split, --cam-per-grade feeds plot.py's "
-                                           "contact sheet)")]
+                                           "contact sheet)"),
+             (not args.force or args.images, "--force needs --images: it grades photos the quality check rejects")]
     for ok, message in rules:
         if not ok:
             raise UserError(message)

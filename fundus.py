@@ -4,14 +4,17 @@ new photographs with the same functions, so a photo is prepared the same way in 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageChops, ImageDraw, ImageFilter
+from PIL import Image, ImageChops, ImageFilter
 from scipy import ndimage
-from scipy.spatial import ConvexHull
+
+from runtime import atomic_write
 
 # Image files, in order of preference when a dataset holds one name with several extensions.
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp")
@@ -19,16 +22,26 @@ IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp")
 # Detection needs the eye's outline, not its detail: on a copy at most this wide, find_eye takes
 # 12 ms on a 3000x2000 photo (39 ms at 1024) and its radius is 0.2 % off (0.1 % at 1024).
 DETECT_SIDE = 512
-# Corner patches (this fraction of each side) lie outside a circle inscribed in the frame
-# (that leaves 14.6 %), so they sample the background even when the eye fills the frame.
-CORNER = 0.05
-# The eye's rim is much darker than its centre (vignetting), so a pixel counts as eye already
-# this fraction of the way from the background's level to the bright (95th percentile) level.
+# The background is read in the frame's four corners, in patches this fraction of each side: a field that
+# fills a 4:3 frame leaves black only in small rounded or cut corners (a 253 px photo whose field reached
+# 98 % of the half-diagonal had 4 px of black along each diagonal). A corner's 10th percentile ignores a
+# timestamp or caption burnt in there, and the darkest corner wins over one that holds retina.
+CORNER = 0.025
+# The eye's rim is much darker than its centre (vignetting), so a pixel counts as eye already this fraction
+# of the way from the background's level to the bright (95th percentile) level, and at least MIN_STEP grey
+# levels above the background (JPEG noise on black: sigma 2-3 after the 3x3 blur).
 RIM_FRACTION = 0.15
+MIN_STEP = 8
 # Below this many grey levels between background and eye there is nothing to find: black,
 # blank or overexposed photos.
 MIN_CONTRAST = 15
+# A fundus camera leaves black around its field, in the corners at least (0-14 in every photo measured for
+# assess below); a photo whose darkest corner is brighter than this shows no field: a scene, static, a wall.
+MAX_BACKGROUND = 40
 MIN_EYE_AREA = 0.01  # of the frame; smaller bright blobs are text or reflections, not an eye
+# A field stop's flat top or bottom (EyePACS) is a chord at least this share of the diameter long; a
+# narrower top is the circle's own rim, or a dark sector there, and the circle bounds the field instead.
+FLAT_CHORD = 0.3
 # Ben Graham's Kaggle 2015 winning preprocessing: the blur's sigma is 1/30 of the eye radius
 # (10 px at his radius 300), and the outer 10 % of the radius is blanked ("remove boundary effects").
 GRAHAM_SIGMA = 1 / 30
@@ -50,46 +63,112 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def open_fundus(path: Path, size: int) -> Image.Image:
-    """Decode as RGB. JPEGs decode at 1/2, 1/4 or 1/8 scale in the DCT (27 instead of 53 ms on a
-    3000x2000 photo, and the crop's resize gets cheaper too) while the short side stays >= 1.5 x
-    size, so an eye spanning at least 2/3 of it is still only ever downsampled."""
+def decode(path: Path, at_least: tuple[int, int] | None = None) -> Image.Image:
+    """Decode as RGB. A JPEG with at_least (w, h) decodes at the smallest of the DCT's 1/1, 1/2, 1/4 and 1/8
+    scales that is at least that large (draft mode: the decoder skips the detail, several times faster)."""
     with Image.open(path) as img:
-        if img.format == "JPEG":
-            scale = 1.5 * size / min(img.size)
-            img.draft("RGB", (math.ceil(img.width * scale), math.ceil(img.height * scale)))
+        if img.format == "JPEG" and at_least is not None:
+            img.draft("RGB", at_least)
         img.load()
         return to_rgb(img)
 
 
+# load_photo decodes a JPEG at the smallest DCT scale whose short side is this many times the crop's size:
+# enough for an eye spanning 80 % of the short side (EyePACS' span the whole height, 4:3 fields more), so a
+# 12 MP camera file decodes at 1/4. A smaller eye is decoded again, larger. Decoding twice costs most of a
+# full decode (entropy decoding does not shrink with the scale: 38 + 22 ms against 51 for a full one).
+DRAFT_SPAN = 1.25
+
+
+def load_photo(path: Path, size: int) -> tuple[Image.Image, "Quality"]:
+    """A photo decoded for an eye crop of `size` at the least decoding cost, and its assessment (its field in
+    pixels of the returned photo). A JPEG decodes at a reduced scale (see DRAFT_SPAN), and again at a larger
+    one only where its eye came out under `size` across: the crop is only ever a downsample."""
+    with Image.open(path) as img:
+        full, is_jpeg = img.size, img.format == "JPEG"
+    scale = min(1.0, DRAFT_SPAN * size / min(full))
+    photo = decode(path, tuple(math.ceil(side * scale) for side in full) if is_jpeg else None)
+    quality = assess(photo)
+    field = quality.field
+    if not is_jpeg or field is None or 2 * field.r >= size or photo.size == full:
+        return photo, quality
+    bigger = decode(path, tuple(math.ceil(side * size / (2 * field.r)) for side in photo.size))
+    k = bigger.width / photo.width
+    field = Field(field.cx * k, field.cy * k, field.r * k, field.top * k, field.bottom * k, bigger.size)
+    return bigger, Quality(quality.gradable, quality.reason, field, quality.measures)
+
+
 # --------------------------------------------------------------------------- finding the eye
-def bright_region(img: Image.Image) -> tuple[np.ndarray, int]:
-    """The eye as a boolean mask on a reduced copy, and the reduction factor; ValueError when none."""
-    factor = max(1, math.ceil(max(img.size) / DETECT_SIDE))
+class NoField(ValueError):
+    """The photo shows no camera field (no eye): the message says what was seen instead."""
+
+
+@dataclass(frozen=True)
+class Field:
+    """The camera's field in a photo of `size` (w, h): the circle (cx, cy, r, in pixels) and the rows where a
+    flat field stop or the frame ends it. Dark lesions, a dark sector at the rim, a vignetted edge all lie
+    inside; the field is the camera's, not the retina's bright part."""
+
+    cx: float
+    cy: float
+    r: float
+    top: float
+    bottom: float
+    size: tuple[int, int]
+    lit: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)  # the lit region on the reduced copy
+
+    def mask(self, size: tuple[int, int] | None = None) -> np.ndarray:
+        """The field as a boolean mask of `size` (default the photo's), pixel centres inside."""
+        w, h = size or self.size
+        sx, sy = w / self.size[0], h / self.size[1]
+        yy, xx = np.ogrid[:h, :w]
+        yy, xx = (yy + 0.5) / sy, (xx + 0.5) / sx
+        return (np.hypot(xx - self.cx, yy - self.cy) < self.r) & (yy >= self.top) & (yy <= self.bottom)
+
+
+def reduced(img: Image.Image) -> tuple[Image.Image, int]:
+    """The photo as RGB on a copy at most DETECT_SIDE wide, where its field is found and judged; the factor."""
     rgb = to_rgb(img)
-    red, green, blue = (rgb.reduce(factor) if factor > 1 else rgb).split()
-    # the brightest channel: red for a colour fundus, any for a red-free or greyscale photo
+    factor = max(1, math.ceil(max(rgb.size) / DETECT_SIDE))
+    return (rgb.reduce(factor) if factor > 1 else rgb), factor
+
+
+def brightest_channel(small: Image.Image) -> np.ndarray:
+    """The brightest of R, G, B per pixel (red for a colour fundus, any for a red-free or greyscale one),
+    lightly blurred against JPEG noise."""
+    red, green, blue = small.split()
     brightest = ImageChops.lighter(ImageChops.lighter(red, green), blue)
-    grey = np.asarray(brightest.filter(ImageFilter.BoxBlur(1)), dtype=np.float32)
+    return np.asarray(brightest.filter(ImageFilter.BoxBlur(1)), dtype=np.float32)
+
+
+def background_level(grey: np.ndarray) -> float:
+    """The black around the field: the darkest corner's 10th percentile (see CORNER)."""
     h, w = grey.shape
-    ch, cw = max(1, round(CORNER * h)), max(1, round(CORNER * w))
+    ch, cw = max(2, round(CORNER * h)), max(2, round(CORNER * w))
     corners = [grey[:ch, :cw], grey[:ch, -cw:], grey[-ch:, :cw], grey[-ch:, -cw:]]
-    # the darkest corner: another may hold a caption, a logo or the eye itself
-    darkest = min(corners, key=np.median)
-    background, noise = float(np.median(darkest)), float(darkest.std())
-    bright = float(np.percentile(grey, 95))
+    return min(float(np.percentile(c, 10)) for c in corners)
+
+
+def bright_region(small: Image.Image) -> np.ndarray:
+    """The lit part of the field as a boolean mask of the reduced copy `small`; NoField when there is none."""
+    grey = brightest_channel(small)
+    h, w = grey.shape
+    background, bright = background_level(grey), float(np.percentile(grey, 95))
+    if background > MAX_BACKGROUND:
+        raise NoField(f"no eye found: no corner of the photo is dark (the darkest is at {background:.0f} of 255), "
+                      "where a fundus camera's field leaves black")
     if bright - background < MIN_CONTRAST:
-        raise ValueError(f"no eye found: nothing is more than {MIN_CONTRAST} grey levels brighter than "
-                         f"the darkest corner ({background:.0f}); a black, blank or overexposed photo")
-    level = background + max(RIM_FRACTION * (bright - background), 4 * noise)
+        raise NoField(f"no eye found: nothing is more than {MIN_CONTRAST} grey levels brighter than the "
+                      f"darkest corner ({background:.0f}); a black, blank or overexposed photo")
+    level = background + max(RIM_FRACTION * (bright - background), MIN_STEP)
     # opening cuts thin bright lines (a frame drawn by the camera, caption strokes) off the eye
     # (grey_opening: separable min/max filters, 2.5x faster than binary_opening's 5x5 structure)
     mask = ndimage.grey_opening((grey > level).view(np.uint8), size=(5, 5)).astype(bool)
     labels, count = ndimage.label(mask)
     areas = np.bincount(labels.ravel())[1:] if count else np.zeros(1)
     if areas.max() < MIN_EYE_AREA * h * w:
-        raise ValueError("no eye found: no bright region covers 1 % of the photo")
-    return labels == 1 + int(areas.argmax()), factor
+        raise NoField("no eye found: no bright region covers 1 % of the photo")
+    return labels == 1 + int(areas.argmax())
 
 
 def row_edges(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -111,25 +190,29 @@ def row_ends(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fit_circle(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
-    """Least-squares circle (Kasa 1976: linear in cx, cy, r^2 - cx^2 - cy^2), refitted once without
-    the points off by more than 3 median deviations (a notch in the rim, a dark sector)."""
-    for _ in range(2):
+    """Least-squares circle (Kasa 1976: linear in cx, cy, r^2 - cx^2 - cy^2), refitted without the points
+    far inside it, three times: those are edges of a dark sector or a notch at the rim, never of the field,
+    which no lit pixel lies outside of."""
+    for _ in range(4):
         design = np.column_stack([2 * x, 2 * y, np.ones_like(x)])
         (cx, cy, c), *_ = np.linalg.lstsq(design, x * x + y * y, rcond=None)
         r = math.sqrt(max(c + cx * cx + cy * cy, 0.0))
-        off = np.abs(np.hypot(x - cx, y - cy) - r)
-        keep = off <= 3 * np.median(off) + 1
+        off = np.hypot(x - cx, y - cy) - r
+        keep = off >= -(3 * np.median(np.abs(off)) + 1)
+        if keep.all() or keep.sum() < 10:
+            break
         x, y = x[keep], y[keep]
     return float(cx), float(cy), r
 
 
-def find_eye(img: Image.Image) -> tuple[float, float, float]:
-    """(cx, cy, radius) of the eye in pixels of img; ValueError when the photo shows no eye.
+def find_field(img: Image.Image, small: tuple[Image.Image, int] | None = None) -> Field:
+    """The camera's field of the photo; NoField when it shows none.
 
-    The circle is fitted to the left and right ends of the bright region's rows; to the ends of
-    its columns only when the frame cuts every row (their top ends would include flat tops). An
-    eye cut on all sides, with no usable ends, is taken as the bright region's extent."""
-    mask, factor = bright_region(img)
+    The circle is fitted to the left and right ends of the lit region's rows; to the ends of its columns
+    only when the frame cuts every row (their top ends would include flat tops). An eye cut on all sides,
+    with no usable ends, is taken as the lit region's extent. small: reduced(img), when already made."""
+    small_img, factor = small or reduced(img)
+    mask = bright_region(small_img)
     x, y = row_ends(mask)
     if len(x) < 10:
         y, x = row_ends(mask.T)
@@ -139,44 +222,156 @@ def find_eye(img: Image.Image) -> tuple[float, float, float]:
         rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
         cx, cy = (cols[0] + cols[-1] + 1) / 2, (rows[0] + rows[-1] + 1) / 2
         r = max(cols[-1] + 1 - cols[0], rows[-1] + 1 - rows[0]) / 2
-    return cx * factor, cy * factor, r * factor
+    rows, left, right = row_edges(mask)
+    width = right - left
+    top = rows[0] if width[0] >= FLAT_CHORD * 2 * r else cy - r
+    bottom = rows[-1] + 1 if width[-1] >= FLAT_CHORD * 2 * r else cy + r
+    return Field(cx * factor, cy * factor, r * factor, top * factor, bottom * factor, img.size, mask)
+
+
+def find_eye(img: Image.Image) -> tuple[float, float, float]:
+    """(cx, cy, radius) of the eye in pixels of img; NoField (a ValueError) when the photo shows no eye."""
+    field = find_field(img)
+    return field.cx, field.cy, field.r
 
 
 def eye_region(img: Image.Image) -> np.ndarray:
-    """Where img shows the eye, as a boolean mask of its size: the bright region's convex hull, so
-    dark lesions at the rim count as eye while edges where the frame cut the eye stay straight."""
-    mask, factor = bright_region(img)
-    rows, left, right = row_edges(mask)  # the rows' ends span the same hull as the whole region
-    ends = np.column_stack([np.concatenate([left, right - 1]), np.concatenate([rows, rows])])
-    outline = (ends + 0.5) * factor - 0.5  # pixel indices, as ImageDraw takes them, at img's scale
-    region = Image.new("1", img.size)
-    ImageDraw.Draw(region).polygon([tuple(p) for p in outline[ConvexHull(outline).vertices]], fill=1)
-    return np.asarray(region, dtype=bool)
+    """Where img shows the eye, as a boolean mask of its size: the camera's field (see Field), so dark
+    lesions or a dark sector at the rim count as eye, and edges where the frame cut it stay straight."""
+    return find_field(img).mask()
 
 
-def is_eye_crop(img: Image.Image) -> bool:
+def is_eye_crop(img: Image.Image, field: Field | None = None) -> bool:
     """True when img already is an eye crop, so re-cropping would change (almost) nothing.
 
-    The rule: the image is square (sides within 1 %), and find_eye's circle is centred within 3 %
-    of the side and its diameter is 85-103 % of the side. 85 %, because --ben-graham output is
-    black beyond 90 % of the radius. A photo with no eye is not a crop."""
+    The rule: the image is square (sides within 1 %), and its field's circle (found here unless given) is
+    centred within 3 % of the side and its diameter is 85-103 % of the side. 85 %, because --ben-graham
+    output is black beyond 90 % of the radius. A photo with no eye is not a crop."""
     side = max(img.size)
     if abs(img.width - img.height) > 0.01 * side:
         return False
     try:
-        cx, cy, r = find_eye(img)
-    except ValueError:
+        field = field or find_field(img)
+    except NoField:
         return False
-    centred = max(abs(cx - img.width / 2), abs(cy - img.height / 2)) <= 0.03 * side
-    return centred and 0.85 * side <= 2 * r <= 1.03 * side
+    centred = max(abs(field.cx - img.width / 2), abs(field.cy - img.height / 2)) <= 0.03 * side
+    return centred and 0.85 * side <= 2 * field.r <= 1.03 * side
+
+
+# --------------------------------------------------------------------------- gradability
+# The thresholds of assess(). Measured here (the figures below) on drawn photographs: orange, brown, pale,
+# red and dim fundi, vignetted, EyePACS-clipped, 4:3 fields with rounded and octagonal corners, a dark sector,
+# a timestamp, JPEG noise, the demo set's images at 128 and 512 px; and on what must fail: brightness x0.1,
+# white frames, blurred copies, a greyscale copy, a ruler and a person photographed in the dark, and the two
+# real photographs scikit-learn ships (a temple, china.jpg; an orange dahlia on dark leaves, flower.jpg).
+# No real fundus photograph could be measured here: on a real set, check the share it rejects.
+WHITE_LEVEL, MAX_WHITE = 230, 0.3  # share of the frame whose three channels all reach 230: 1.00 for a white
+#                                    frame, at most 0.01 for the fundi (the optic disc)
+MIN_PEAK = 40  # the frame's 99th percentile of its brightest channel: fundi 92-253 (dim ones 92-94), x0.1 22
+MIN_SPAN = 0.6  # field diameter over the frame's short side: fundi 0.88-1.62, the person 0.33
+MAX_SURROUND = 40  # 90th percentile of the brightest channel around the field: fundi 0-12, dahlia 92, temple 254
+MIN_ROUNDNESS = 0.8  # lit region over its fitted circle (IoU): fundi 0.99-1.0, a dark rim sector 0.91, dahlia 0.62
+RED_OVER_BLUE = 1.4  # median red over median blue in the field: fundi 2.4-10; EyePACS' channel means (0.320,
+#                      0.224, 0.161) give 2.0; greyscale 1.0, the ruler 1.08, the person 0.86
+MIN_VESSELS = 0.09  # vessel_contrast: sharp fundi 0.25-0.49, a Gaussian blur of 0.5 % of the width 0.11-0.36,
+#                     of 2 % 0.015-0.078 (noise of sigma 4 and JPEG added after the blur)
+# The measures are computed on the field resampled to this diameter, so that they do not depend on the
+# photo's resolution.
+QUALITY_SIDE = 256
+
+
+@dataclass(frozen=True)
+class Quality:
+    """assess()'s answer: gradable or not, why not (one phrase), the field found, and the measures."""
+
+    gradable: bool
+    reason: str
+    field: Field | None
+    measures: dict
+
+
+def assess(img: Image.Image, field: Field | None = None) -> Quality:
+    """Whether a photo is a gradable colour fundus photograph, and if not why: overexposed, too dark, no
+    round camera field, not a colour fundus photo, out of focus. A heuristic on the photo's own numbers
+    (see the constants above), not a trained quality model: it catches what is plainly not gradable."""
+    small_img, factor = reduced(img)
+    measures = exposure_measures(np.asarray(small_img))
+    if measures["white"] > MAX_WHITE:
+        return Quality(False, f"overexposed: {measures['white']:.0%} of the photo is white", None, measures)
+    if measures["peak"] < MIN_PEAK:
+        return Quality(False, f"too dark: its brightest 1 % reaches {measures['peak']:.0f} of 255 "
+                              f"(at least {MIN_PEAK})", None, measures)
+    try:
+        field = field or find_field(img, (small_img, factor))
+    except NoField as err:
+        return Quality(False, f"no round camera field ({err})", None, measures)
+    measures.update(field_measures(img, small_img, factor, field))
+    rules = [
+        (measures["span"] >= MIN_SPAN, f"no round camera field: the lit disc spans {measures['span']:.0%} of the "
+                                       f"photo's height (a fundus field at least {MIN_SPAN:.0%})"),
+        (measures["surround"] <= MAX_SURROUND, f"no round camera field: around it the photo is not black "
+                                               f"({measures['surround']:.0f} of 255)"),
+        (measures["roundness"] >= MIN_ROUNDNESS, f"no round camera field: the lit region fills "
+                                                 f"{measures['roundness']:.0%} of a circle"),
+        (measures["red"] >= RED_OVER_BLUE * max(measures["blue"], 1.0) and measures["red"] >= measures["green"],
+         f"not a colour fundus photo: its field's median colour ({measures['red']:.0f}, {measures['green']:.0f}, "
+         f"{measures['blue']:.0f}) is not the retina's red-orange"),
+        (measures["vessels"] >= MIN_VESSELS, f"out of focus: vessel contrast {measures['vessels']:.3f} "
+                                             f"(at least {MIN_VESSELS})"),
+    ]
+    for ok, reason in rules:
+        if not ok:
+            return Quality(False, reason, field, measures)
+    return Quality(True, "", field, measures)
+
+
+def vessel_contrast(small: Image.Image, factor: int, eye: Field) -> float:
+    """How sharply the vessels stand out: the green channel (where vessels show best) of the field resampled
+    to QUALITY_SIDE across, band-passed at vessel scale (a difference of Gaussians, sigma 1 and 4 px), its
+    99th percentile of darkening inside 85 % of the radius, over the median green there. Blur flattens it."""
+    r, cx, cy = eye.r / factor, eye.cx / factor, eye.cy / factor
+    side = max(1, round(2 * r))
+    left, top = round(cx - r), round(cy - r)
+    square = small.crop((left, top, left + side, top + side)).resize((QUALITY_SIDE, QUALITY_SIDE), Image.BILINEAR,
+                                                                      reducing_gap=2.0)
+    green = np.asarray(square, np.float32)[..., 1]
+    band = ndimage.gaussian_filter(green, 4) - ndimage.gaussian_filter(green, 1)  # > 0 where darker than around
+    yy, xx = np.mgrid[:QUALITY_SIDE, :QUALITY_SIDE] + 0.5 - QUALITY_SIDE / 2
+    inner = np.hypot(xx, yy) < 0.85 * QUALITY_SIDE / 2
+    return float(np.percentile(band[inner], 99) / max(float(np.median(green[inner])), 1.0))
+
+
+def exposure_measures(small: np.ndarray) -> dict:
+    """Of the whole frame (the reduced RGB copy): the share that is white, and its brightest 1 %."""
+    r, g, b = small[..., 0], small[..., 1], small[..., 2]
+    darkest, brightest = np.minimum(np.minimum(r, g), b), np.maximum(np.maximum(r, g), b)
+    return {"white": float((darkest >= WHITE_LEVEL).mean()), "peak": float(np.percentile(brightest, 99))}
+
+
+def field_measures(img: Image.Image, small_img: Image.Image, factor: int, eye: Field) -> dict:
+    """Of the field: its span, the brightness around it, its roundness, its median colour and its vessels."""
+    small = np.asarray(small_img)
+    brightest = np.maximum(np.maximum(small[..., 0], small[..., 1]), small[..., 2])
+    h, w = brightest.shape
+    inside = eye.mask((w, h))
+    near = ndimage.binary_dilation(inside, iterations=max(2, round(0.04 * eye.r / factor)))
+    lit = eye.lit if eye.lit is not None and eye.lit.shape == (h, w) else bright_region(small_img)
+    yy, xx = np.ogrid[:h, :w]
+    inner = inside & (np.hypot((xx + 0.5) * factor - eye.cx, (yy + 0.5) * factor - eye.cy) < 0.9 * eye.r)
+    red, green, blue = (float(np.median(small[..., c][inner])) for c in range(3))
+    return {"span": 2 * eye.r / min(img.size),
+            "surround": float(np.percentile(brightest[~near], 90)) if (~near).mean() > 0.01 else 0.0,
+            "roundness": float((lit & inside).sum() / max(1, (lit | inside).sum())),
+            "red": red, "green": green, "blue": blue, "vessels": vessel_contrast(small_img, factor, eye)}
 
 
 # --------------------------------------------------------------------------- crop and normalise
-def crop_eye(img: Image.Image, size: int = 512) -> Image.Image:
-    """The eye's bounding square as RGB size x size; where the frame cut the eye off, the square
-    reaches past the photo and PIL's crop fills it with black, so the eye stays round."""
+def crop_eye(img: Image.Image, size: int = 512, field: Field | None = None) -> Image.Image:
+    """The eye's bounding square as RGB size x size (the field found here unless given); where the frame
+    cut the eye off, the square reaches past the photo and PIL's crop fills it with black, so the eye
+    stays round."""
     rgb = to_rgb(img)
-    cx, cy, r = find_eye(rgb)
+    cx, cy, r = (field.cx, field.cy, field.r) if field is not None else find_eye(rgb)
     side = max(1, round(2 * r))
     left, top = round(cx - r), round(cy - r)
     square = rgb.crop((left, top, left + side, top + side))
@@ -210,6 +405,32 @@ def ben_graham(img: Image.Image, radius: float | None = None) -> Image.Image:
     out = np.clip(4 * (pixels - local) + 128, 0, 255).astype(np.uint8)
     out[~eye | (distance > GRAHAM_KEEP * radius)] = 0
     return Image.fromarray(out)
+
+
+# --------------------------------------------------------------------------- one photo, as data/prepare.py does
+# What became of a photo.
+WRITTEN, KEPT, UNGRADABLE, FAILED = "written", "kept", "ungradable", "failed"
+
+
+def prepare_photo(src: Path, dst: Path, size: int, graham: bool, quality: int = 95,
+                  keep_ungradable: bool = False) -> tuple[str, str]:
+    """Crop src into dst (JPEG), Ben Graham-normalised with graham, unless assess() calls it ungradable (then
+    kept only with keep_ungradable, and only if it has a field to crop to). Returns (WRITTEN, KEPT, UNGRADABLE or FAILED, the reason).
+    dst appears complete or not at all (runtime.atomic_write), so an interrupted run leaves no truncated
+    JPEG that the next run would skip as done."""
+    try:
+        photo, verdict = load_photo(src, size)
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
+        return FAILED, f"unreadable: {' '.join(str(err).split())}"
+    if verdict.field is None or not (verdict.gradable or keep_ungradable):
+        return UNGRADABLE, verdict.reason
+    eye = crop_eye(photo, size, verdict.field)
+    if graham:
+        eye = ben_graham(eye, size / 2)
+    # 4:4:4 chroma: microaneurysms are a few red pixels at 512 px, and 4:2:0 halves colour resolution
+    with atomic_write(dst) as f:
+        eye.save(f, format="JPEG", quality=quality, subsampling=0)
+    return (WRITTEN if verdict.gradable else KEPT), verdict.reason
 
 
 def image_files(folder: Path) -> list[Path]:

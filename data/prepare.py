@@ -6,7 +6,10 @@ Each photo (any size; the eye a bright disc on a dark background, often clipped 
 bottom by the frame, as in Kaggle EyePACS) becomes DST_DIR/images/<name>.jpeg: the eye's bounding
 square, padded with black where the frame cut the eye off, resized to size x size. With --labels,
 DST_DIR also gets the lab layout (train_img.csv, train_label.csv, test_img.csv, test_label.csv),
-split by patient. Re-runnable: finished images are skipped, so an interrupted run just resumes.
+split by patient. Photos that are not gradable colour fundus photographs (fundus.assess: overexposed,
+too dark, no round camera field, not a colour fundus photo, out of focus) stay out of images/ and are
+listed with the reason in DST_DIR/ungradable.csv (--keep-ungradable crops them too). Re-runnable:
+finished images are skipped, so an interrupted run just resumes.
 """
 from __future__ import annotations
 
@@ -17,42 +20,25 @@ import os
 import sys
 from pathlib import Path
 
-from PIL import Image
+import pandas as pd
 from tqdm import tqdm
 
 import fundus
+from fundus import FAILED, KEPT, UNGRADABLE, WRITTEN
 from dataloader import LAB_FILES, default_workers, patient_split, read_labels_table
 from runtime import (Parser, UserError, atomic_write, exit_on_user_error, input_file, input_folder, map_in_processes,
                      remove_leftovers, write_text_atomic)
 
 FAILURES_FILE = "prepare_failures.txt"
+UNGRADABLE_FILE = "ungradable.csv"
 OPTIONS_FILE = "prepare_options.json"
 SHOWN_FAILURES = 20
 
 
 # --------------------------------------------------------------------------- one photo
-def prepare_one(src: Path, dst: Path, size: int, ben_graham: bool, quality: int = 95) -> str | None:
-    """Crop src into dst (JPEG); None on success, else why not. dst appears complete or not at all
-    (runtime.atomic_write), so an interrupted run leaves no truncated JPEG that the next run would
-    skip as done."""
-    try:
-        photo = fundus.open_fundus(src, size)
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
-        return f"unreadable: {err}"
-    try:
-        eye = fundus.crop_eye(photo, size)
-    except ValueError as err:
-        return str(err)
-    if ben_graham:
-        eye = fundus.ben_graham(eye, size / 2)
-    # 4:4:4 chroma: microaneurysms are a few red pixels at 512 px, and 4:2:0 halves colour resolution
-    with atomic_write(dst) as f:
-        eye.save(f, format="JPEG", quality=quality, subsampling=0)
-    return None
-
-
-def prepare_pair(paths: tuple[Path, Path], size: int, ben_graham: bool, quality: int) -> tuple[Path, str | None]:
-    return paths[0], prepare_one(paths[0], paths[1], size, ben_graham, quality)
+def prepare_pair(paths: tuple[Path, Path], size: int, ben_graham: bool, quality: int,
+                 keep_ungradable: bool) -> tuple[Path, str, str]:
+    return (paths[0], *fundus.prepare_photo(paths[0], paths[1], size, ben_graham, quality, keep_ungradable))
 
 
 # --------------------------------------------------------------------------- the folder
@@ -103,36 +89,47 @@ def pending(photos: list[Path], out_dir: Path) -> tuple[list[tuple[Path, Path]],
     return todo, len(photos) - len(todo)
 
 
-def run_all(todo: list[tuple[Path, Path]], args: argparse.Namespace) -> dict[str, str]:
-    """Crop every pair on args.workers processes; the failures as {file name: reason}."""
-    work = functools.partial(prepare_pair, size=args.size, ben_graham=args.ben_graham, quality=args.quality)
+def run_all(todo: list[tuple[Path, Path]], args: argparse.Namespace) -> dict[str, dict[Path, str]]:
+    """Crop every pair on args.workers processes: {WRITTEN, KEPT, UNGRADABLE, FAILED: {photo: reason}}."""
+    work = functools.partial(prepare_pair, size=args.size, ben_graham=args.ben_graham, quality=args.quality,
+                             keep_ungradable=args.keep_ungradable)
     bar = tqdm(total=len(todo), unit="img", disable=not sys.stderr.isatty())
-    failures = {}
+    outcomes = {WRITTEN: {}, KEPT: {}, UNGRADABLE: {}, FAILED: {}}
     # chunks of 4: a photo takes 50-150 ms, so handing them out costs nothing, and the last
     # chunks finish together instead of one worker holding a long tail
-    for src, error in map_in_processes(work, todo, args.workers, chunksize=4):
-        if error is not None:
-            failures[src.name] = error
+    for src, outcome, reason in map_in_processes(work, todo, args.workers, chunksize=4):
+        outcomes[outcome][src] = reason
         bar.update()
     bar.close()
-    return failures
+    return outcomes
 
 
-def report(written: int, skipped: int, failures: dict[str, str], dst_dir: Path) -> None:
-    """The summary line; failures listed (the first few) and written to DST_DIR/prepare_failures.txt."""
-    print(f"prepare: {written} written, {skipped} skipped (already done), {len(failures)} failed "
-          f"-> {dst_dir / 'images'}")
-    listing = dst_dir / FAILURES_FILE
-    listing.unlink(missing_ok=True)  # a list from an earlier run would name files since fixed
+def report(outcomes: dict[str, dict[Path, str]], skipped: int, dst_dir: Path) -> None:
+    """The summary line; ungradable photos listed in DST_DIR/ungradable.csv (path,reason), failures (the
+    first few shown) in DST_DIR/prepare_failures.txt. Lists of an earlier run are replaced."""
+    ungradable = {**outcomes[UNGRADABLE], **outcomes[KEPT]}
+    failures = outcomes[FAILED]
+    print(f"prepare: {len(outcomes[WRITTEN]) + len(outcomes[KEPT])} written, {skipped} skipped (already done), "
+          f"{len(ungradable)} ungradable" + (f" ({len(outcomes[KEPT])} kept with --keep-ungradable)"
+                                             if outcomes[KEPT] else "")
+          + f", {len(failures)} failed -> {dst_dir / 'images'}")
+    for listing, entries in ((dst_dir / UNGRADABLE_FILE, ungradable), (dst_dir / FAILURES_FILE, failures)):
+        listing.unlink(missing_ok=True)
+    if ungradable:
+        rows = pd.DataFrame({"path": [str(p) for p in sorted(ungradable)],
+                             "reason": [ungradable[p] for p in sorted(ungradable)]})
+        write_text_atomic(dst_dir / UNGRADABLE_FILE, rows.to_csv(index=False))
+        print(f"  {len(ungradable)} ungradable photos are listed with the reason in {dst_dir / UNGRADABLE_FILE}"
+              + ("" if outcomes[KEPT] else "; --keep-ungradable crops them too"))
     if not failures:
         return
-    lines = [f"{name}: {failures[name]}" for name in sorted(failures)]
-    listing.write_text("\n".join(lines) + "\n")
+    lines = [f"{p.name}: {failures[p]}" for p in sorted(failures)]
+    write_text_atomic(dst_dir / FAILURES_FILE, "\n".join(lines) + "\n")
     for line in lines[:SHOWN_FAILURES]:
         print(f"  failed: {line}", file=sys.stderr)
     if len(lines) > SHOWN_FAILURES:
         print(f"  and {len(lines) - SHOWN_FAILURES} more", file=sys.stderr)
-    print(f"  all {len(lines)} failures are listed in {listing}", file=sys.stderr)
+    print(f"  all {len(lines)} failures are listed in {dst_dir / FAILURES_FILE}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- labels -> lab layout
@@ -150,7 +147,8 @@ def write_lab_layout(table, photos: list[Path], out_dir: Path, dst_dir: Path, fr
         in_src = {p.stem for p in photos}
         absent = sum(n not in in_src for n in names)
         print(f"labels: dropped {len(names) - len(keep)} of {len(names)} rows: {absent} with no photo in "
-              f"SRC_DIR, {len(names) - len(keep) - absent} whose photo failed (see {FAILURES_FILE})")
+              f"SRC_DIR, {len(names) - len(keep) - absent} whose photo is ungradable or failed (see "
+              f"{UNGRADABLE_FILE}, {FAILURES_FILE})")
     if not keep:
         raise UserError("no row of the labels table names a prepared image; do its names match SRC_DIR's files?")
     names, grades = [names[i] for i in keep], table["grade"].to_numpy()[keep]
@@ -175,6 +173,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     crops.add_argument("--ben-graham", action="store_true",
                        help="subtract the local average colour (Ben Graham, Kaggle 2015) (default off)")
     crops.add_argument("--quality", type=int, default=95, help="JPEG quality 1-100 (default 95)")
+    crops.add_argument("--keep-ungradable", action="store_true",
+                       help="also crop photos the quality check calls ungradable (they are listed either way)")
     crops.add_argument("--workers", type=int, default=default_workers(),
                        help="processes (default: one per CPU core, here %(default)s)")
     labels = parser.add_argument_group("labels")
@@ -218,11 +218,11 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     check_options(args.dst_dir, args.size, args.ben_graham)
     todo, skipped = pending(photos, out_dir)
-    failures = run_all(todo, args)
-    report(len(todo) - len(failures), skipped, failures, args.dst_dir)
+    outcomes = run_all(todo, args)
+    report(outcomes, skipped, args.dst_dir)
     if table is not None:
         write_lab_layout(table, photos, out_dir, args.dst_dir, args.test_fraction, args.seed)
-    return 1 if failures else 0
+    return 1 if outcomes[FAILED] else 0
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 import evaluate
 import plot
@@ -99,7 +99,7 @@ def test_raw_photo_is_cropped_to_the_eye_like_prepare(demo_run, tmp_path):
     assert (seen - original).abs().mean() < 12, "the raw photo was not cropped back to the eye"
 
 
-def test_cam_figures_and_unreadable_files_are_reported(demo_run, tmp_path, capsys):
+def test_every_file_gets_a_row_and_cams_are_drawn_for_graded_photos_only(demo_run, tmp_path, capsys):
     _, root, ckpt = demo_run
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -107,17 +107,40 @@ def test_cam_figures_and_unreadable_files_are_reported(demo_run, tmp_path, capsy
     for n in names:
         (folder / f"{n}.jpeg").write_bytes((root / "images" / f"{n}.jpeg").read_bytes())
     (folder / "broken.jpeg").write_bytes(b"\xff\xd8 not really")
+    Image.new("RGB", (120, 90)).save(folder / "black.png")  # a valid PNG with no eye in it
     (tmp_path / "notes.txt").write_text("not an image")
-    cams = tmp_path / "cams"
+    cams, csv = tmp_path / "cams", tmp_path / "grades.csv"
     evaluate.main([str(ckpt), "--images", str(folder), str(tmp_path / "notes.txt"), "--cam", str(cams),
-                   "--workers", "0", "--quiet"])
-    out, err = capsys.readouterr()
-    assert len([line for line in out.splitlines() if "\tgrade " in line]) == 3
-    assert "skipped 2 files that are no readable image" in err and "broken.jpeg" in err and "notes.txt" in err
+                   "--out", str(csv), "--workers", "0", "--quiet"])
+    out = capsys.readouterr().out
+    table = pd.read_csv(csv, keep_default_na=False)
+    assert list(table.columns) == ["path", "status", "reason", "grade", "confidence", "p0", "p1", "p2", "p3", "p4"]
+    status = dict(zip(table["path"], table["status"]))
+    assert [status[str(folder / f"{n}.jpeg")] for n in names] == ["graded"] * 3
+    assert status[str(folder / "broken.jpeg")] == status[str(tmp_path / "notes.txt")] == "unreadable"
+    assert status[str(folder / "black.png")] == "ungradable"
+    black = table[table["status"] == "ungradable"].iloc[0]
+    assert black["reason"].startswith("too dark") and black["grade"] == "" and black["p0"] == ""
+    assert "3 graded, 1 ungradable, 2 unreadable" in out
     for n in names:
         assert (cams / f"{n}.jpeg").is_file()
         with Image.open(cams / f"{n}_cam.png") as figure:
             assert figure.size[0] > 600 and len(figure.getcolors(1 << 20) or []) > 100
+    assert not (cams / "black_cam.png").exists()
+
+
+def test_force_grades_an_ungradable_photo_and_keeps_the_reason(demo_run, tmp_path):
+    _, root, ckpt = demo_run
+    name = dataloader.load_fundus_data(root).test.names[0]
+    blurred = tmp_path / "blurred.png"
+    Image.open(root / "images" / f"{name}.jpeg").filter(ImageFilter.GaussianBlur(3)).save(blurred)
+    csv = tmp_path / "grades.csv"
+    evaluate.main([str(ckpt), "--images", str(blurred), "--out", str(csv), "--workers", "0", "--quiet"])
+    assert pd.read_csv(csv)["status"].tolist() == ["ungradable"]
+    evaluate.main([str(ckpt), "--images", str(blurred), "--out", str(csv), "--workers", "0", "--quiet", "--force"])
+    row = pd.read_csv(csv).iloc[0]
+    assert row["status"] == "graded" and row["reason"].startswith("out of focus") and 0 <= row["grade"] <= 4
+    assert row[[f"p{g}" for g in range(5)]].sum() == pytest.approx(1, abs=1e-4)
 
 
 def test_missing_image_path_is_a_user_error(demo_run, capsys):

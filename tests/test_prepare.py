@@ -13,8 +13,8 @@ import pytest
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from data.prepare import main, prepare_one
-from fundus import ben_graham, crop_eye, eye_region, find_eye, is_eye_crop
+from data.prepare import main
+from fundus import ben_graham, crop_eye, eye_region, find_eye, is_eye_crop, prepare_photo
 from dataloader import load_fundus_data, patient_id
 
 ORANGE = np.array([230, 120, 40])
@@ -209,47 +209,58 @@ def write_photos(folder):
 
 def test_cli_crops_every_photo_and_skips_them_on_a_second_run(tmp_path, capsys):
     photos = write_photos(tmp_path / "raw")
+    colour = {stem: v for stem, v in photos.items() if stem != "c_grey"}  # a greyscale photo is ungradable
     dst = tmp_path / "prepared"
     assert main([str(tmp_path / "raw"), str(dst), "--size", "128", "--workers", "1"]) == 0
-    assert f"{len(photos)} written, 0 skipped (already done), 0 failed" in capsys.readouterr().out
+    assert f"{len(colour)} written, 0 skipped (already done), 1 ungradable, 0 failed" in capsys.readouterr().out
     outputs = sorted(p.name for p in (dst / "images").iterdir())
-    assert outputs == sorted(f"{stem}.jpeg" for stem in photos)
-    for stem, (_, geometry) in photos.items():
+    assert outputs == sorted(f"{stem}.jpeg" for stem in colour)
+    listed = pd.read_csv(dst / "ungradable.csv")
+    assert listed["path"].tolist() == [str(tmp_path / "raw" / "c_grey.PNG")]
+    assert listed["reason"].iloc[0].startswith("not a colour fundus photo")
+    for stem, (_, geometry) in colour.items():
         with Image.open(dst / "images" / f"{stem}.jpeg") as img:
             assert img.format == "JPEG" and img.size == (128, 128) and img.mode == "RGB"
             assert iou(eye_mask(img), expected_crop_mask(128, *GEOMETRIES[geometry])) > 0.93
     stamps = {p.name: p.stat().st_mtime_ns for p in (dst / "images").iterdir()}
     assert main([str(tmp_path / "raw"), str(dst), "--size", "128", "--workers", "1"]) == 0
-    assert f"0 written, {len(photos)} skipped (already done), 0 failed" in capsys.readouterr().out
+    assert f"0 written, {len(colour)} skipped (already done), 1 ungradable, 0 failed" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in (dst / "images").iterdir()} == stamps
     assert not (dst / "prepare_failures.txt").exists()
+    # --keep-ungradable crops it too, and still lists it
+    assert main([str(tmp_path / "raw"), str(dst), "--size", "128", "--workers", "1", "--keep-ungradable"]) == 0
+    assert "1 written, 5 skipped (already done), 1 ungradable (1 kept with --keep-ungradable)" in capsys.readouterr().out
+    with Image.open(dst / "images" / "c_grey.jpeg") as img:
+        assert iou(eye_mask(img), expected_crop_mask(128, *GEOMETRIES["clipped_top"])) > 0.93
+    assert len(pd.read_csv(dst / "ungradable.csv")) == 1
     # other options into the same folder would mix two kinds of crop behind the skipping
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path / "raw"), str(dst), "--size", "128", "--ben-graham", "--workers", "1"])
     assert exit_info.value.code == 2 and "--size 128, not --size 128 --ben-graham" in capsys.readouterr().err
 
 
-def test_cli_reports_unreadable_and_eyeless_photos(tmp_path, capsys):
+def test_cli_lists_ungradable_photos_and_reports_unreadable_ones(tmp_path, capsys):
     photos = write_photos(tmp_path / "raw")
     (tmp_path / "raw" / "x.jpeg").write_bytes(np.random.default_rng(0).bytes(5000))
     Image.new("RGB", (600, 400)).save(tmp_path / "raw" / "black.jpeg")
     dst = tmp_path / "prepared"
     assert main([str(tmp_path / "raw"), str(dst), "--size", "96", "--workers", "1"]) == 1
     out, err = capsys.readouterr()
-    assert f"{len(photos)} written, 0 skipped (already done), 2 failed" in out
-    assert "x.jpeg" in err and "black.jpeg" in err
+    assert f"{len(photos) - 1} written, 0 skipped (already done), 2 ungradable, 1 failed" in out
+    assert "x.jpeg" in err and "black.jpeg" not in err
     listed = (dst / "prepare_failures.txt").read_text().splitlines()
-    assert [line.split(":")[0] for line in listed] == ["black.jpeg", "x.jpeg"]
-    assert "no eye" in listed[0] and "unreadable" in listed[1]
-    assert sorted(p.stem for p in (dst / "images").iterdir()) == sorted(photos)
+    assert [line.split(":")[0] for line in listed] == ["x.jpeg"] and "unreadable" in listed[0]
+    reasons = dict(pd.read_csv(dst / "ungradable.csv").to_numpy())
+    assert reasons[str(tmp_path / "raw" / "black.jpeg")].startswith("too dark")
+    assert sorted(p.stem for p in (dst / "images").iterdir()) == sorted(set(photos) - {"c_grey"})
 
 
-def test_prepare_one_returns_the_reason_instead_of_writing(tmp_path):
+def test_prepare_photo_returns_the_reason_instead_of_writing(tmp_path):
     Image.new("RGB", (300, 200)).save(tmp_path / "black.png")
-    assert "no eye" in prepare_one(tmp_path / "black.png", tmp_path / "out.jpeg", 64, False)
+    assert prepare_photo(tmp_path / "black.png", tmp_path / "out.jpeg", 64, False)[0] == "ungradable"
     assert not (tmp_path / "out.jpeg").exists()
     fundus_photo().save(tmp_path / "eye.png")
-    assert prepare_one(tmp_path / "eye.png", tmp_path / "out.jpeg", 64, True) is None
+    assert prepare_photo(tmp_path / "eye.png", tmp_path / "out.jpeg", 64, True) == ("written", "")
     with Image.open(tmp_path / "out.jpeg") as written:
         assert is_eye_crop(written)
 
@@ -275,7 +286,7 @@ def test_an_interrupted_write_leaves_nothing_that_the_next_run_skips(tmp_path, m
     for path in (dst / "images").iterdir():
         with Image.open(path) as img:
             img.load()  # raises on a truncated JPEG
-    assert len(list((dst / "images").iterdir())) == 6
+    assert len(list((dst / "images").iterdir())) == 5  # the greyscale photo is ungradable
 
 
 def test_cli_as_a_script_on_several_processes(tmp_path, repo_root):
@@ -284,8 +295,8 @@ def test_cli_as_a_script_on_several_processes(tmp_path, repo_root):
     result = subprocess.run([sys.executable, str(script), str(tmp_path / "raw"), str(tmp_path / "out"),
                              "--size", "64", "--workers", "2"], cwd=repo_root, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert f"{len(photos)} written" in result.stdout
-    assert sorted(p.stem for p in (tmp_path / "out" / "images").iterdir()) == sorted(photos)
+    assert f"{len(photos) - 1} written" in result.stdout
+    assert sorted(p.stem for p in (tmp_path / "out" / "images").iterdir()) == sorted(set(photos) - {"c_grey"})
 
 
 @pytest.mark.parametrize("columns", [("image", "level"), ("id_code", "diagnosis")])
@@ -295,15 +306,16 @@ def test_labels_become_a_patient_split_lab_layout(tmp_path, capsys, columns):
     names = [f"{patient}_{side}" for patient in range(10, 22) for side in ("left", "right")]
     for seed, name in enumerate(names):
         fundus_photo(seed=seed).resize((150, 100)).save(raw / f"{name}.jpeg")
-    Image.new("RGB", (150, 100)).save(raw / "30_left.jpeg")  # fails: no eye
+    Image.new("RGB", (150, 100)).save(raw / "30_left.jpeg")  # ungradable: too dark
     grades = {name: i % 5 for i, name in enumerate(names + ["30_left", "31_right"])}  # 31: no photo
     table = tmp_path / "labels.csv"
     pd.DataFrame({columns[0]: list(grades), columns[1]: list(grades.values())}).to_csv(table, index=False)
     dst = tmp_path / "prepared"
     code = main([str(raw), str(dst), "--size", "64", "--workers", "1", "--labels", str(table),
                  "--test-fraction", "0.25", "--seed", "1"])
-    assert code == 1  # 30_left failed
-    assert "dropped 2 of 26 rows: 1 with no photo in SRC_DIR, 1 whose photo failed" in capsys.readouterr().out
+    assert code == 0  # 30_left is ungradable, not a failure
+    assert "dropped 2 of 26 rows: 1 with no photo in SRC_DIR, 1 whose photo is ungradable or failed" in \
+        capsys.readouterr().out
     split = {}
     for part in ("train", "test"):
         img_lines = (dst / f"{part}_img.csv").read_text().splitlines()

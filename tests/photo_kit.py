@@ -1,0 +1,78 @@
+"""Fundus photographs drawn with known geometry and the flaws of real ones: vignetting, dim exposure, a dark
+sector at the rim, a camera's timestamp in a corner, fields that fill a 4:3 frame with rounded or octagonal
+corners, JPEG noise. Every expected number in the tests comes from these parameters, not from the code."""
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+ORANGE = (230, 120, 40)
+
+
+def field_mask(w, h, cx, cy, r, shape="circle"):
+    """Where the camera's field is: a disc, or a regular octagon with circumradius r (a pixel is inside
+    when its centre is)."""
+    yy, xx = np.mgrid[:h, :w] + 0.5
+    if shape == "circle":
+        return np.hypot(xx - cx, yy - cy) < r
+    angle = np.arctan2(yy - cy, xx - cx)
+    apothem = r * math.cos(math.pi / 8)
+    sector = np.round(angle / (math.pi / 4)) * (math.pi / 4)  # flat sides facing 0, 45, 90, ... degrees
+    return (xx - cx) * np.cos(sector) + (yy - cy) * np.sin(sector) < apothem
+
+
+def fundus_photo(w=600, h=400, cx=300.0, cy=200.0, r=180.0, *, colour=ORANGE, vignette=0.6, background=0,
+                 noise=3.0, seed=0, shape="circle", dark_sector=None, timestamp=None, exposure=1.0,
+                 vessels=True, disc=True, jpeg=None) -> Image.Image:
+    """An orange retina, darker towards its rim, with an optic disc and dark vessels, on a noisy background.
+    dark_sector: (start, end) angles in degrees where the outer third of the field is nearly unlit;
+    timestamp: a corner ('tl', 'tr', 'bl', 'br') for a green date overlay; exposure scales the whole photo."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w] + 0.5
+    d = np.hypot(xx - cx, yy - cy) / r
+    shade = np.clip(1 - vignette * d ** 2, 0, 1)
+    if dark_sector is not None:
+        angle = np.degrees(np.arctan2(yy - cy, xx - cx)) % 360
+        start, end = dark_sector
+        shade = np.where((angle >= start) & (angle <= end) & (d > 0.66), shade * 0.12, shade)
+    inside = field_mask(w, h, cx, cy, r, shape)
+    pixels = np.where(inside[..., None], np.array(colour) * shade[..., None], background)
+    img = Image.fromarray(np.clip(pixels + rng.normal(0, noise, (h, w, 3)), 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    if disc:
+        dx, dy, dr = cx + 0.45 * r, cy - 0.05 * r, 0.13 * r
+        draw.ellipse([dx - dr, dy - dr, dx + dr, dy + dr], fill=tuple(min(255, int(c * 1.15 + 60)) for c in colour))
+    if vessels:
+        for angle in np.linspace(0, 2 * np.pi, 9)[:-1] + 0.3:
+            end = (cx + 0.85 * r * np.cos(angle), cy + 0.85 * r * np.sin(angle))
+            start = (cx + 0.45 * r, cy - 0.05 * r) if disc else (cx, cy)
+            draw.line([start, end], fill=tuple(int(c * 0.45) for c in colour), width=max(1, round(r / 60)))
+        img = img.filter(ImageFilter.GaussianBlur(max(0.5, r / 400)))  # optics: nothing is sharper than a pixel
+    if exposure != 1.0:
+        img = Image.fromarray(np.clip(np.asarray(img, np.float32) * exposure, 0, 255).astype(np.uint8))
+    if timestamp is not None:
+        add_timestamp(img, timestamp)
+    return jpeg_copy(img, jpeg) if jpeg else img
+
+
+def add_timestamp(img: Image.Image, corner: str, colour=(40, 255, 40)) -> None:
+    """A camera's green date and time in a corner, as many fundus cameras burn into their photos."""
+    size = max(8, img.height // 18)
+    font = ImageFont.load_default(size=size)
+    text = "2019-03-14 10:22:31"
+    width = ImageDraw.Draw(img).textlength(text, font=font)
+    x = 4 if corner[1] == "l" else img.width - width - 4
+    y = 3 if corner[0] == "t" else img.height - size - 5
+    ImageDraw.Draw(img).text((x, y), text, fill=colour, font=font)
+
+
+def jpeg_copy(img: Image.Image, quality: int = 75) -> Image.Image:
+    buffer = io.BytesIO()
+    img.save(buffer, format="JPEG", quality=quality)
+    buffer.seek(0)
+    out = Image.open(buffer)
+    out.load()
+    return out
