@@ -11,6 +11,7 @@ where the model looked (Grad-CAM of the last residual stage, through captum).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -19,17 +20,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from sklearn.metrics import accuracy_score, cohen_kappa_score, confusion_matrix, f1_score, \
-    precision_recall_fscore_support
 
 import dataloader
 import fundus
+import metrics
 import models
 from runtime import (GRADE_NAMES, NUM_GRADES, Parser, UserError, autocast, check_output, choose_device,
                      exit_on_user_error, is_pretrained, load_checkpoint, memory_format, precision, progress,
                      restore_model, worker_signals, write_text_atomic)
 
-GRADES = list(range(NUM_GRADES))
+GRADES = metrics.GRADES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", default=None,
                    help="metrics JSON (default: <log dir>/<run>[_tta]_eval.json); with --images, a predictions CSV")
+    p.add_argument("--predictions", default=None, metavar="CSV",
+                   help="per-image predictions (default: <log dir>/<run>[_tta]_predictions.csv)")
     p.add_argument("--figure-dir", default="figures", help="where the confusion matrix PNG goes")
     p.add_argument("--cam-per-grade", type=int, default=0, metavar="K",
                    help="also save Grad-CAMs of K split images per true grade for plot.py's contact sheet")
@@ -98,33 +100,21 @@ def gather_shards(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate_split(model, loader, transform, autocast_ctx, desc: str, show: bool) -> dict:
-    """Loss, accuracy and quadratic kappa over a whole split (all ranks), as train.py logs them each epoch;
-    images skipped as unreadable (grade -1) are counted, not scored."""
+    """Loss, accuracy, quadratic kappa and referable-DR AUC over a whole split (all ranks), as train.py logs
+    them each epoch; images skipped as unreadable (grade -1) are counted, not scored."""
     log_probs, grades = predict(model, loader, transform, autocast_ctx, desc=desc, show=show)
     log_probs, grades = gather_shards(log_probs), gather_shards(grades)
     keep = grades >= 0
     log_probs, grades = log_probs[keep], grades[keep]
-    metrics = grading_metrics(grades.numpy(), log_probs.argmax(1).numpy())
-    return {"loss": F.nll_loss(log_probs, grades).item(), "acc": metrics["accuracy"], "kappa": metrics["kappa"],
+    scores = metrics.grading_metrics(grades.numpy(), log_probs.argmax(1).numpy())
+    referable = metrics.screening_metrics(grades.numpy(), log_probs.exp().numpy(), metrics.SCREENING["referable"],
+                                          None, None)
+    return {"loss": F.nll_loss(log_probs, grades).item(), "acc": scores["accuracy"], "kappa": scores["kappa"],
+            "referable_auc": referable["auc"] if referable["auc"] is not None else float("nan"),
             "skipped": int((~keep).sum())}
 
 
 # --------------------------------------------------------------------------- metrics
-def grading_metrics(grades, preds) -> dict:
-    """The numbers a DR grader is judged by, all from scikit-learn, over the five grades."""
-    grades, preds = np.asarray(grades), np.asarray(preds)
-    precision, recall, f1, support = precision_recall_fscore_support(grades, preds, labels=GRADES, zero_division=0)
-    kappa = cohen_kappa_score(grades, preds, weights="quadratic", labels=GRADES)
-    return {
-        "accuracy": float(accuracy_score(grades, preds)),
-        "kappa": 0.0 if np.isnan(kappa) else float(kappa),
-        "macro_f1": float(f1_score(grades, preds, labels=GRADES, average="macro", zero_division=0)),
-        "per_class": {str(g): {"precision": float(precision[g]), "recall": float(recall[g]), "f1": float(f1[g]),
-                               "support": int(support[g])} for g in GRADES},
-        "confusion_matrix": confusion_matrix(grades, preds, labels=GRADES).tolist(),
-    }
-
-
 def format_report(metrics: dict) -> str:
     lines = [f"accuracy {metrics['accuracy']:.2%} | quadratic weighted kappa {metrics['kappa']:.4f} | "
              f"macro F1 {metrics['macro_f1']:.4f}", "",
@@ -158,32 +148,76 @@ def inference_setup(checkpoint: dict, source, device: torch.device):
     return load_model(checkpoint, source, device), transform, autocast(device, amp_dtype)
 
 
-def split_table(checkpoint: dict, args) -> dataloader.FundusTable:
-    """The split to evaluate: the run's own data and split (found from any working folder, checked to be
+def run_data(checkpoint: dict, args) -> dataloader.FundusData:
+    """The data to evaluate on: the run's own data and splits (found from any working folder, checked to be
     unchanged), or with --data-root the data there, split by the run's flags."""
     config = checkpoint["config"]
     if args.data_root is None:
-        fundus = dataloader.load_run_data(config, checkpoint.get("data", {}), image_dir=args.image_dir)
-    else:
-        fundus = dataloader.load_fundus_data(args.data_root, args.image_dir, config.get("test_fraction", 0.2),
-                                             config.get("val_fraction", 0.0), config.get("split_seed", 0))
-    table = getattr(fundus, args.split)
-    if table is None:
-        raise UserError("--split val: the run held out no validation part (it trained with --val-fraction 0)")
-    return table
+        return dataloader.load_run_data(config, checkpoint.get("data", {}), image_dir=args.image_dir)
+    return dataloader.load_fundus_data(args.data_root, args.image_dir, config.get("test_fraction", 0.2),
+                                       config.get("val_fraction", 0.0), config.get("split_seed", 0))
 
 
-def evaluate_checkpoint(checkpoint: dict, table: dataloader.FundusTable, device: torch.device, batch_size: int,
-                        workers: int, tta: bool, show: bool = False) -> tuple[dict, np.ndarray]:
-    """Metrics over the table, and the softmax probabilities [N, 5] (NaN rows for skipped images)."""
+def reference_split(fundus: dataloader.FundusData, reported: str) -> str | None:
+    """The split that operating points and kappa thresholds are chosen on: the run's validation split when it
+    has one, else its training split; never the split being reported (then the other one, or none)."""
+    for split in ("val", "train"):
+        if split != reported and getattr(fundus, split) is not None:
+            return split
+    return None
+
+
+def predict_table(checkpoint: dict, table: dataloader.FundusTable, device: torch.device, batch_size: int,
+                  workers: int, tta: bool, show: bool = False) -> np.ndarray:
+    """Softmax probabilities [N, 5] of the table's images, in its order (NaN rows for images skipped as
+    unreadable with the run's --skip-bad-images)."""
     model, transform, ctx = inference_setup(checkpoint, table.source, device)
     dataset = dataloader.FundusDataset(table, checkpoint["image_size"], checkpoint["config"].get("skip_bad_images", False))
     loader = dataloader.build_loader(dataset, batch_size, dataloader.ShardSampler(len(dataset)), workers, device)
     log_probs, grades = predict(model, loader, transform, ctx, tta=tta, desc="evaluate", show=show)
-    probs = log_probs.exp().numpy()
-    keep = grades.numpy() >= 0
-    probs[~keep] = np.nan
-    return grading_metrics(grades.numpy()[keep], probs[keep].argmax(1)), probs
+    probs = log_probs.exp().numpy().astype(np.float64)
+    probs[grades.numpy() < 0] = np.nan
+    return probs
+
+
+def evaluate_checkpoint(checkpoint: dict, table: dataloader.FundusTable, device: torch.device, batch_size: int,
+                        workers: int, tta: bool, show: bool = False) -> tuple[dict, np.ndarray]:
+    """The lab's metrics over the table, and the softmax probabilities [N, 5] (NaN rows for skipped images)."""
+    probs = predict_table(checkpoint, table, device, batch_size, workers, tta, show)
+    keep = ~np.isnan(probs[:, 0])
+    return metrics.grading_metrics(table.grades[keep], probs[keep].argmax(1)), probs
+
+
+PREDICTION_COLUMNS = ["image", "grade", "pred", *[f"p{g}" for g in GRADES]]
+
+
+def write_predictions(path: Path, table: dataloader.FundusTable, probs: np.ndarray):
+    """One row per evaluated image (PREDICTION_COLUMNS, `image` as the split's CSV names it), probabilities to
+    6 decimals; returns the table as read back from the file, so that every number computed from it follows
+    from the file alone."""
+    import io
+
+    import pandas as pd
+
+    keep = ~np.isnan(probs[:, 0])
+    rounded = pd.DataFrame(probs[keep], columns=PREDICTION_COLUMNS[3:]).round(6)
+    frame = pd.DataFrame({"image": np.array(table.names)[keep], "grade": table.grades[keep],
+                          "pred": rounded.to_numpy().argmax(1), **rounded})
+    text = frame.to_csv(index=False, float_format="%.6f")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, text)
+    return pd.read_csv(io.StringIO(text), dtype={"image": str})
+
+
+def split_scores(predictions, reference) -> dict:
+    """Every number of the metrics JSON, from a predictions table (and the reference split's, for operating
+    points and kappa thresholds): the lab's metrics, then screening, tuned kappa, calibration, intervals."""
+    probs = predictions[PREDICTION_COLUMNS[3:]].to_numpy()
+    grades, patients = predictions["grade"].to_numpy(), [dataloader.patient_id(n) for n in predictions["image"]]
+    chosen = None if reference is None else (reference[0]["grade"].to_numpy(),
+                                             reference[0][PREDICTION_COLUMNS[3:]].to_numpy(), reference[1])
+    return {**metrics.grading_metrics(grades, predictions["pred"].to_numpy()),
+            **metrics.clinical_metrics(grades, probs, patients, chosen)}
 
 
 # --------------------------------------------------------------------------- new photographs
@@ -370,34 +404,76 @@ def grade_photos(args, checkpoint: dict, device: torch.device, workers: int) -> 
         print(f"wrote {counts.get(GRADED)} Grad-CAM figures to {cam_dir}/")
 
 
+def predictions_path(log_dir: Path, stem: str, split: str) -> Path:
+    """<log dir>/<run>[_tta][_<split> unless test]_predictions.csv: one file per checkpoint, TTA and split."""
+    return log_dir / f"{stem}{'' if split == 'test' else '_' + split}_predictions.csv"
+
+
 def evaluate_split_command(args, checkpoint: dict, device: torch.device, workers: int) -> None:
     run_name = checkpoint["config"].get("run_name") or Path(args.checkpoint).parent.name
-    table = split_table(checkpoint, args)
-    metrics, _ = evaluate_checkpoint(checkpoint, table, device, args.batch_size, workers, args.tta,
-                                     show=not args.quiet)
-    stem = f"{run_name}_tta" if args.tta else run_name
-    result = {"run_name": run_name, "arch": checkpoint["arch"],
-              "pretrained": is_pretrained(checkpoint["config"]),
+    fundus = run_data(checkpoint, args)
+    table = getattr(fundus, args.split)
+    if table is None:
+        raise UserError("--split val: the run held out no validation part (it trained with --val-fraction 0)")
+    reference = reference_split(fundus, args.split)
+    stem, log_dir = f"{run_name}_tta" if args.tta else run_name, Path(checkpoint["config"].get("log_dir", "logs"))
+    main_csv = Path(args.predictions) if args.predictions else predictions_path(log_dir, stem, args.split)
+    predict_split = functools.partial(predict_table, checkpoint, device=device, batch_size=args.batch_size,
+                                      workers=workers, tta=args.tta, show=not args.quiet)
+    predictions = write_predictions(main_csv, table, predict_split(table=table))
+    reference_csv = predictions_path(main_csv.parent, stem, reference) if reference else None
+    chosen = (write_predictions(reference_csv, getattr(fundus, reference), predict_split(
+        table=getattr(fundus, reference))), reference) if reference else None
+    scores = split_scores(predictions, chosen)
+    result = {"run_name": run_name, "arch": checkpoint["arch"], "pretrained": is_pretrained(checkpoint["config"]),
               "checkpoint": str(args.checkpoint), "epoch": checkpoint["epoch"], "split": args.split,
-              "num_images": int(sum(c["support"] for c in metrics["per_class"].values())),
-              "tta": args.tta, **metrics}
-    log_dir = Path(checkpoint["config"].get("log_dir", "logs"))
-    out = Path(args.out) if args.out else log_dir / f"{stem}_eval.json"
+              "num_images": len(predictions), "tta": args.tta, "predictions": str(main_csv),
+              "reference_predictions": str(reference_csv) if reference_csv else None, **scores}
+    name = f"{stem}{'' if args.split == 'test' else '_' + args.split}"  # of the JSON and the figure
+    out = Path(args.out) if args.out else log_dir / f"{name}_eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_text_atomic(out, json.dumps(result, indent=2))
     import plot  # matplotlib only when a figure is drawn
 
-    figure = Path(args.figure_dir) / f"confusion_{stem}.png"
+    figure = Path(args.figure_dir) / f"confusion_{name}.png"
     figure.parent.mkdir(parents=True, exist_ok=True)
-    plot.plot_confusion(metrics["confusion_matrix"], figure)
+    plot.plot_confusion(scores["confusion_matrix"], figure)
     print(f"{args.checkpoint} (epoch {checkpoint['epoch']}) on the {args.split} split: {result['num_images']} images"
           + (", TTA x8" if args.tta else ""))
-    print(format_report(metrics))
-    print(f"wrote {out} and {figure}")
+    print(format_report(scores))
+    print(clinical_report(result))
+    print(f"wrote {out}, {main_csv}" + (f", {reference_csv}" if reference_csv else "") + f" and {figure}")
     if args.cam_per_grade:
         cams = out.parent / f"{run_name}_cams.npz"
         np.savez_compressed(cams, **cam_samples(checkpoint, table, args.cam_per_grade, device))
         print(f"wrote {cams} (Grad-CAMs of up to {args.cam_per_grade} images per grade; plot.py draws them)")
+
+
+def clinical_report(result: dict) -> str:
+    """The screening block of the printed report: a few lines with the numbers clinicians judge a grader by."""
+    ci = result["ci95"]
+    span = lambda name: f" [{ci[name][0]:.3f}, {ci[name][1]:.3f}]" if ci.get(name) else ""  # noqa: E731
+    pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
+    lines = [f"95 % intervals ({result['bootstrap']['resamples']} bootstrap resamples of "
+             f"{result['bootstrap']['patients']} patients): accuracy{span('accuracy')}, kappa{span('kappa')}, "
+             f"referable AUC{span('referable_auc')}"]
+    for name, title in (("referable", "referable DR (grade >= 2)"), ("vision_threatening", "vision-threatening "
+                                                                                            "DR (grade >= 3)")):
+        m = result[name]
+        auc = "-" if m["auc"] is None else f"{m['auc']:.3f}"
+        lines.append(f"{title}: AUC {auc} | argmax: sensitivity {pct(m['sensitivity'])}, specificity "
+                     f"{pct(m['specificity'])}, PPV {pct(m['ppv'])}, NPV {pct(m['npv'])} "
+                     f"({m['positives']} positive, {m['negatives']} negative)")
+        for point, values in (m["operating_points"] or {}).items():
+            lines.append(f"  {point.replace('_', '-')} point (score >= {values['threshold']:.4f}, chosen on "
+                         f"{m['chosen_on']}): sensitivity {pct(values['sensitivity'])}, specificity "
+                         f"{pct(values['specificity'])}")
+    if result["thresholds"] is not None:
+        lines.append(f"kappa-tuned grading (expected grade cut at {', '.join(f'{t:.2f}' for t in result['thresholds'])}"
+                     f", tuned on {result['thresholds_from']}): kappa {result['kappa_tuned']:.4f}, accuracy "
+                     f"{result['accuracy_tuned']:.2%}")
+    lines.append(f"calibration: expected calibration error {result['ece']:.4f} ({metrics.ECE_BINS} bins)")
+    return "\n".join(lines)
 
 
 def check_args(args) -> None:
@@ -407,12 +483,15 @@ def check_args(args) -> None:
              (args.cam_per_grade >= 0, "--cam-per-grade must not be negative"),
              (not args.cam or args.images, "--cam needs --images (for a split, --cam-per-grade feeds plot.py's "
                                            "contact sheet)"),
-             (not args.force or args.images, "--force needs --images: it grades photos the quality check rejects")]
+             (not args.force or args.images, "--force needs --images: it grades photos the quality check rejects"),
+             (not (args.predictions and args.images), "--predictions is for a split; with --images, --out is the "
+                                                       "table of grades")]
     for ok, message in rules:
         if not ok:
             raise UserError(message)
-    if args.out:
-        check_output("--out", args.out, folder=False)
+    for flag in ("out", "predictions"):
+        if getattr(args, flag):
+            check_output(f"--{flag}", getattr(args, flag), folder=False)
     if args.cam:
         check_output("--cam", args.cam, folder=True)
     if not args.images:

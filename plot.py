@@ -20,7 +20,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from runtime import GRADE_NAMES, LOG_COLUMNS, Parser, UserError, check_output, exit_on_user_error  # noqa: E402
+from runtime import (AUC_COLUMN, GRADE_NAMES, LOG_COLUMNS, Parser, UserError, check_output,  # noqa: E402
+                     exit_on_user_error)
 
 ARCH_ORDER = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 DPI = 150
@@ -168,16 +169,16 @@ def _save(fig, path) -> Path:
     return path
 
 
-def _draw(ax, run: dict, split: str, column: str, scale: float = 1.0) -> None:
+def _draw(ax, run: dict, split: str, column: str, scale: float = 1.0, what: str = "") -> None:
     history = run["history"]
-    if column not in history:
+    if column not in history or history[column].isna().all():
         return
     colour, style, marker = LINE_STYLE[(split, run["pretrained"])]
     setting = "with pretraining" if run["pretrained"] else "w/o pretraining"
     # a marker on each of 100+ epochs turns the line into a smear; about 15 per line stay readable
-    ax.plot(history["epoch"], history[column] * scale, color=colour, linestyle=style, linewidth=1.8,
-            marker=marker, markersize=5, markevery=max(1, len(history) // 15),
-            label=f"{split.capitalize()}({setting})")
+    ax.plot(history["epoch"], history[column] * scale, color=colour, linestyle="--" if what else style,
+            linewidth=1.8, marker=marker, markersize=5, markevery=max(1, len(history) // 15),
+            label=f"{split.capitalize()}{' ' + what if what else ''}({setting})")
 
 
 def _finish(fig, ax, title: str, ylabel: str) -> None:
@@ -215,14 +216,18 @@ def plot_comparison(arch: str, runs: list[dict], out_dir, evals: list[dict] = ()
 
 
 def curves_figure(arch: str, runs: list[dict], metric: str):
-    """Loss (train, test, val) or quadratic weighted kappa (test, val) per epoch."""
+    """Loss (train, test, val) or quadratic weighted kappa (test, val) per epoch; beside the kappa, dashed,
+    the test split's referable-DR AUC (both read on 0..1)."""
     splits, ylabel, title = {"loss": (("train", "test", "val"), "Loss", "Loss"),
-                             "kappa": (("test", "val"), "Quadratic weighted kappa", "Kappa")}[metric]
+                             "kappa": (("test", "val"), "Quadratic weighted kappa | referable AUC (dashed)",
+                                       "Kappa and referable AUC")}[metric]
     with plt.rc_context(RC):
         fig, ax = plt.subplots(figsize=(8, 5))
         for run in _pair(arch, runs):
             for split in splits:
                 _draw(ax, run, split, f"{split}_{metric}")
+            if metric == "kappa":
+                _draw(ax, run, "test", AUC_COLUMN, what="referable AUC")
         if metric == "kappa":
             lowest = min(run["history"].filter(like="_kappa").min().min() for run in _pair(arch, runs))
             # a fixed 0..1 axis makes runs comparable across figures; below 0 the model is worse than chance
@@ -278,14 +283,82 @@ def plot_confusion(matrix, path, title="Normalized confusion matrix", normalize=
     return shown
 
 
-def plot_evaluation(evaluation: dict, out_dir) -> Path:
+def _caption(evaluation: dict) -> str:
     data = evaluation["data"]
     facts = [evaluation["name"], f"{data['split']} split" if "split" in data else None,
              f"{data['num_images']} images" if "num_images" in data else None,
              "TTA" if data.get("tta") else None]
-    path = Path(out_dir) / f"confusion_{evaluation['name']}.png"
-    plot_confusion(evaluation["matrix"], path, caption=", ".join(f for f in facts if f))
-    return path
+    return ", ".join(f for f in facts if f)
+
+
+def plot_evaluation(evaluation: dict, out_dir) -> list[Path]:
+    """The confusion matrix of one evaluation, and where its JSON holds them its ROC curves and reliability
+    diagram (evaluations written before the clinical metrics have only the matrix)."""
+    name, data = evaluation["name"], evaluation["data"]
+    paths = [Path(out_dir) / f"confusion_{name}.png"]
+    plot_confusion(evaluation["matrix"], paths[0], caption=_caption(evaluation))
+    if any((data.get(task) or {}).get("roc") for task in SCREENING_TITLES):
+        paths.append(_save(roc_figure(data, _caption(evaluation)), Path(out_dir) / f"roc_{name}.png"))
+    if data.get("calibration"):
+        paths.append(_save(reliability_figure(data, _caption(evaluation)), Path(out_dir) / f"reliability_{name}.png"))
+    return paths
+
+
+SCREENING_TITLES = {"referable": "Referable DR (grade >= 2)", "vision_threatening": "Vision-threatening DR (grade >= 3)"}
+POINT_MARKERS = {"high_sensitivity": ("o", "high-sensitivity point"), "high_specificity": ("s", "high-specificity point")}
+
+
+def roc_figure(data: dict, caption: str):
+    """The two screening ROC curves side by side, AUC in the legend, both operating points marked where
+    they fall on this split (their thresholds were chosen on another split)."""
+    with plt.rc_context(RC):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 5.2))
+        for ax, (task, title) in zip(axes, SCREENING_TITLES.items()):
+            m = data.get(task) or {}
+            ax.plot([0, 1], [0, 1], color="0.6", linestyle=":", linewidth=1)
+            if m.get("roc"):
+                ax.plot(m["roc"]["fpr"], m["roc"]["tpr"], color="tab:blue", linewidth=2,
+                        label=f"ROC, AUC {m['auc']:.3f} ({m['positives']} positive, {m['negatives']} negative)")
+            for point, values in (m.get("operating_points") or {}).items():
+                marker, label = POINT_MARKERS[point]
+                if values["sensitivity"] is not None and values["specificity"] is not None:
+                    ax.plot(1 - values["specificity"], values["sensitivity"], marker=marker, markersize=9,
+                            color="tab:red", linestyle="none",
+                            label=f"{label} (chosen on {m['chosen_on']}): {values['sensitivity']:.1%} / "
+                                  f"{values['specificity']:.1%}")
+            ax.set(xlim=(0, 1), ylim=(0, 1.01), title=title, xlabel="1 - specificity", ylabel="Sensitivity")
+            ax.grid(True, alpha=0.35)
+            ax.legend(loc="lower right", fontsize=8)
+        fig.text(0.5, 0.01, caption, ha="center", va="bottom", fontsize=9, color="0.3")
+        fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return fig
+
+
+def reliability_figure(data: dict, caption: str):
+    """Accuracy against mean confidence per confidence bin (a calibrated model lies on the diagonal), bar
+    widths the bins', with the share of images per bin below; the ECE in the title."""
+    bins = [b for b in data["calibration"] if b["count"]]
+    with plt.rc_context(RC):
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.5, 6.5), sharex=True,
+                                          gridspec_kw={"height_ratios": [3, 1]})
+        width = bins[0]["upper"] - bins[0]["lower"] if bins else 1 / 15
+        top.bar([b["lower"] for b in bins], [b["accuracy"] for b in bins], width=width, align="edge",
+                color="tab:blue", edgecolor="white", label="accuracy in the bin")
+        top.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o", color="tab:orange",
+                 label="(mean confidence, accuracy)")
+        top.plot([0, 1], [0, 1], color="0.4", linestyle="--", linewidth=1, label="perfect calibration")
+        top.set(xlim=(0, 1), ylim=(0, 1), ylabel="Accuracy",
+                title=f"Reliability, expected calibration error {data['ece']:.3f}")
+        top.legend(loc="upper left", fontsize=9)
+        total = sum(b["count"] for b in bins) or 1
+        bottom.bar([b["lower"] for b in bins], [b["count"] / total for b in bins], width=width, align="edge",
+                   color="0.55", edgecolor="white")
+        bottom.set(xlabel="Confidence (top-class probability)", ylabel="Share")
+        for ax in (top, bottom):
+            ax.grid(True, alpha=0.35)
+        fig.text(0.5, 0.01, caption, ha="center", va="bottom", fontsize=9, color="0.3")
+        fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return fig
 
 
 # ---------------------------------------------------------------- summary table
@@ -373,9 +446,18 @@ def _number(value, spec: str) -> str:
     return "-" if value is None or pd.isna(value) else format(float(value), spec)
 
 
+def _screening_cells(evaluation: dict) -> list[str]:
+    """referable AUC, referable sensitivity/specificity (%) of the argmax grade, kappa with tuned thresholds."""
+    referable = evaluation.get("referable") or {}
+    sens, spec = referable.get("sensitivity"), referable.get("specificity")
+    both = "-" if sens is None or spec is None else f"{100 * sens:.1f} / {100 * spec:.1f}"
+    return [_number(referable.get("auc"), ".3f"), both, _number(evaluation.get("kappa_tuned"), ".3f")]
+
+
 def summary_table(runs: list[dict], evals: list[dict]) -> str:
-    lines = ["| run | model | pretrained | epochs | best test acc (%) | best epoch | kappa | macro F1 | images/s |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| run | model | pretrained | epochs | best test acc (%) | best epoch | kappa | macro F1 | referable AUC "
+             "| referable sens / spec (%) | tuned kappa | images/s |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     any_by_val = False
     for run in sorted(runs, key=lambda r: (_arch_order(r["arch"]), not r["pretrained"], r["name"])):
         row, by_val = best_epoch_row(run)
@@ -386,7 +468,7 @@ def summary_table(runs: list[dict], evals: list[dict]) -> str:
             f"| {run['name']}", display_name(run["arch"]), "yes" if run["pretrained"] else "no",
             str(len(run["history"])), _number(100 * row["test_acc"], ".2f") + ("*" if by_val else ""),
             str(int(row["epoch"])), _number(evaluation.get("kappa", row["test_kappa"]), ".3f"),
-            _number(evaluation.get("macro_f1"), ".3f"), _number(speed, ".1f")]) + " |")
+            _number(evaluation.get("macro_f1"), ".3f"), *_screening_cells(evaluation), _number(speed, ".1f")]) + " |")
     return "\n".join(lines + (["", VAL_FOOTNOTE] if any_by_val else [])) + "\n"
 
 
@@ -428,7 +510,7 @@ def main(argv=None) -> None:
     for arch in sorted({r["arch"] for r in kept}, key=_arch_order):
         written.append(plot_comparison(arch, kept, out, evals))
         written += plot_curves(arch, kept, out)
-    written += [plot_evaluation(e, out) for e in evals]
+    written += [path for e in evals for path in plot_evaluation(e, out)]
     written += [plot_cam_sheet(p, out) for p in visible(args.logdir, "*_cams.npz")]
     written.append(write_summary(runs, evals, out))
     print(written[-1].read_text())

@@ -27,10 +27,12 @@ from tqdm import tqdm
 # The International Clinical Diabetic Retinopathy scale, as EyePACS, APTOS and the lab grade it.
 NUM_GRADES = 5
 GRADE_NAMES = ("No DR", "Mild", "Moderate", "Severe", "Proliferative")
-# logs/<run>.csv, one row per epoch, in this order; a run with a validation split adds VAL_COLUMNS.
+# logs/<run>.csv, one row per epoch, in this order; a run with a validation split adds VAL_COLUMNS, and
+# every run since the clinical metrics the referable-DR AUC last (logs written before lack it).
 LOG_COLUMNS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "test_kappa", "lr", "seconds",
                "images_per_s"]
 VAL_COLUMNS = ["val_loss", "val_acc", "val_kappa"]
+AUC_COLUMN = "test_referable_auc"
 
 
 # --------------------------------------------------------------------------- errors

@@ -33,10 +33,10 @@ import evaluate
 import models
 import optimisation
 from optimisation import Stopped
-from runtime import (EXIT_USER_ERROR, NUM_GRADES, Parser, UserError, autocast, check_output, check_run_name,
-                     choose_device, copy_atomic, exit_on_user_error, is_pretrained, load_checkpoint, make_checkpoint,
-                     memory_format, precision, remove_leftovers, restore_model, restore_training, run_summary,
-                     save_atomic, write_text_atomic)
+from runtime import (AUC_COLUMN, EXIT_USER_ERROR, NUM_GRADES, Parser, UserError, autocast, check_output,
+                     check_run_name, choose_device, copy_atomic, exit_on_user_error, is_pretrained, load_checkpoint,
+                     make_checkpoint, memory_format, precision, remove_leftovers, restore_model, restore_training,
+                     run_summary, save_atomic, write_text_atomic)
 
 # Flags a resumed run may change; any other flag would make it a different run.
 RESUME_OVERRIDES = {"epochs", "workers", "device", "compile", "resume", "quiet", "data_root", "image_dir",
@@ -625,7 +625,8 @@ def train_epoch(args, training: Training, done: Progress, epoch: int, env: Dist,
                for split, loader in training.loaders.items() if split != "train"}
     row = {"epoch": epoch, "train_loss": stats["loss"], "train_acc": stats["acc"],
            **split_columns("test", results["test"]), "lr": stats["lr"], "seconds": stats["seconds"],
-           "images_per_s": stats["images_per_s"], **(split_columns("val", results["val"]) if "val" in results else {})}
+           "images_per_s": stats["images_per_s"], **(split_columns("val", results["val"]) if "val" in results else {}),
+           AUC_COLUMN: results["test"]["referable_auc"]}
     skipped = {"training": stats["skipped"], **{f"the {split} split": r["skipped"] for split, r in results.items()}}
     done.history.append(row)
     done.epochs_done = epoch

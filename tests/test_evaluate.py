@@ -11,6 +11,7 @@ from sklearn.metrics import accuracy_score, cohen_kappa_score, confusion_matrix,
 
 import dataloader
 import evaluate
+import metrics
 import runtime
 import train
 
@@ -29,7 +30,7 @@ def test_metrics_equal_sklearn():
     grades = rng.choice(5, size=300, p=[0.6, 0.1, 0.2, 0.05, 0.05])
     preds = np.where(rng.random(300) < 0.7, grades, rng.integers(0, 5, 300))
     preds[preds == 3] = 2  # one grade never predicted: zero_division paths
-    m = evaluate.grading_metrics(grades, preds)
+    m = metrics.grading_metrics(grades, preds)
     assert m["accuracy"] == pytest.approx(accuracy_score(grades, preds))
     assert m["kappa"] == pytest.approx(cohen_kappa_score(grades, preds, weights="quadratic"))
     assert m["macro_f1"] == pytest.approx(f1_score(grades, preds, average="macro", zero_division=0))
@@ -41,7 +42,7 @@ def test_metrics_equal_sklearn():
 
 
 def test_metrics_keep_all_five_grades_when_some_are_absent():
-    m = evaluate.grading_metrics([0, 0, 1], [0, 1, 1])
+    m = metrics.grading_metrics([0, 0, 1], [0, 1, 1])
     assert np.asarray(m["confusion_matrix"]).shape == (5, 5)
     assert m["per_class"]["4"]["support"] == 0
 

@@ -378,8 +378,8 @@ def test_make_demo_trains_the_pretrained_half_when_the_weights_are_cached(repo_r
     runs = plot.load_runs(work / "logs")
     fig = plot.comparison_figure("resnet18", runs)
     labels = fig.axes[0].get_legend_handles_labels()[1]
-    assert labels == ["Train(with pretraining)", "Test(with pretraining)", "Train(w/o pretraining)",
-                      "Test(w/o pretraining)"]
+    lab = ["Train(with pretraining)", "Test(with pretraining)", "Train(w/o pretraining)", "Test(w/o pretraining)"]
+    assert [label for label in labels if label in lab] == lab  # and the validation lines the demo holds out
     assert (work / "figures" / "comparison_resnet18.png").is_file()
 
 

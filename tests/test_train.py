@@ -47,7 +47,7 @@ def test_short_run_writes_checkpoints_and_logs(tiny_demo, tmp_path):
     assert isinstance(last["config"], dict) and last["config"]["model"] == "resnet18"
 
     log = pd.read_csv(tmp_path / "logs" / "resnet18_scratch.csv")
-    assert list(log.columns) == LOG_KEYS
+    assert list(log.columns) == LOG_KEYS + ["test_referable_auc"]
     assert log["epoch"].tolist() == [1, 2]
     for col in ["train_acc", "test_acc"]:
         assert log[col].between(0, 1).all()
@@ -297,7 +297,7 @@ def test_validation_split_chooses_best_pt_and_evaluate_reports_it(tiny_demo, tmp
 
     train.main(base_args(tiny_demo, tmp_path, "--epochs", "3", "--val-fraction", "0.25", "--lr", "3e-3"))
     log = pd.read_csv(tmp_path / "logs" / "resnet18_scratch.csv")
-    assert list(log.columns) == LOG_KEYS + ["val_loss", "val_acc", "val_kappa"]
+    assert list(log.columns) == LOG_KEYS + ["val_loss", "val_acc", "val_kappa", "test_referable_auc"]
     summary = json.loads((tmp_path / "logs" / "resnet18_scratch.json").read_text())
     chosen = int(log["val_acc"].idxmax()) + 1  # the first epoch with the best validation accuracy
     assert summary["best_metric_name"] == "val_acc" and summary["best_epoch"] == chosen

@@ -1,0 +1,212 @@
+"""The numbers a DR grader is judged by, from its grades and probabilities alone.
+
+- the lab's: accuracy, quadratic weighted kappa (the Kaggle 2015 metric), macro F1, the per-grade table
+  and the confusion matrix (scikit-learn);
+- screening, as clinics decide: referable DR (grade >= 2) and vision-threatening DR (grade >= 3) as yes/no,
+  ROC AUC, sensitivity/specificity/PPV/NPV of the argmax grade, and two operating points (Gulshan et al.,
+  JAMA 2016: sensitivity >= 97.5 %, specificity >= 98 %) whose score thresholds are chosen on another split;
+- the Kaggle winners' decoding: the expected grade cut by four thresholds tuned for kappa on another split;
+- trust: expected calibration error (Guo et al. 2017) and 95 % bootstrap intervals resampling patients.
+
+evaluate.py computes them (and writes the predictions they follow from), train.py logs the referable AUC
+each epoch, plot.py draws what the JSON holds. Nothing here touches a model.
+"""
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import (accuracy_score, cohen_kappa_score, confusion_matrix, f1_score,
+                             precision_recall_fscore_support, roc_auc_score, roc_curve)
+
+from runtime import NUM_GRADES
+
+GRADES = list(range(NUM_GRADES))
+# The two yes/no questions of screening: referable DR (moderate or worse), vision-threatening DR (severe or
+# worse); the score of each is the probability mass at or above its grade.
+SCREENING = {"referable": 2, "vision_threatening": 3}
+# Gulshan et al. 2016's operating points on EyePACS-1: a high-sensitivity one (97.5 % sensitivity, 93.4 %
+# specificity) and a high-specificity one (90.3 % / 98.1 %).
+TARGET_SENSITIVITY, TARGET_SPECIFICITY = 0.975, 0.98
+ECE_BINS = 15  # Guo et al. 2017
+BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED = 1000, 0
+
+
+# --------------------------------------------------------------------------- the lab's numbers
+def grading_metrics(grades, preds) -> dict:
+    """Accuracy, quadratic weighted kappa, macro F1, per-grade precision/recall/F1/support and the confusion
+    matrix over the five grades, all from scikit-learn."""
+    grades, preds = np.asarray(grades), np.asarray(preds)
+    precision, recall, f1, support = precision_recall_fscore_support(grades, preds, labels=GRADES, zero_division=0)
+    kappa = cohen_kappa_score(grades, preds, weights="quadratic", labels=GRADES)
+    return {
+        "accuracy": float(accuracy_score(grades, preds)),
+        "kappa": 0.0 if np.isnan(kappa) else float(kappa),
+        "macro_f1": float(f1_score(grades, preds, labels=GRADES, average="macro", zero_division=0)),
+        "per_class": {str(g): {"precision": float(precision[g]), "recall": float(recall[g]), "f1": float(f1[g]),
+                               "support": int(support[g])} for g in GRADES},
+        "confusion_matrix": confusion_matrix(grades, preds, labels=GRADES).tolist(),
+    }
+
+
+def quadratic_kappa(grades: np.ndarray, preds: np.ndarray, weight: np.ndarray | None = None) -> float:
+    """Cohen's kappa with quadratic weights over the five grades, optionally with a weight per image (the
+    bootstrap's counts): scikit-learn's formula on a confusion matrix made with np.bincount, fast enough
+    to run thousands of times (threshold tuning, the bootstrap). 0 where kappa is undefined."""
+    observed = np.bincount(grades * NUM_GRADES + preds, weights=weight,
+                           minlength=NUM_GRADES * NUM_GRADES).reshape(NUM_GRADES, NUM_GRADES).astype(float)
+    total = observed.sum()
+    if total == 0:
+        return 0.0
+    expected = np.outer(observed.sum(1), observed.sum(0)) / total
+    k = np.arange(NUM_GRADES)
+    penalty = (k[:, None] - k[None, :]) ** 2
+    denominator = (penalty * expected).sum()
+    return float(1 - (penalty * observed).sum() / denominator) if denominator > 0 else 0.0
+
+
+# --------------------------------------------------------------------------- screening
+def screening_score(probs: np.ndarray, grade: int) -> np.ndarray:
+    """The probability that an eye's grade is `grade` or worse: p2+p3+p4 for referable DR."""
+    return probs[:, grade:].sum(axis=1)
+
+
+def rates(positive: np.ndarray, called: np.ndarray) -> dict:
+    """Sensitivity, specificity, PPV and NPV of yes/no calls (None where a denominator is 0)."""
+    tp, fn = int((called & positive).sum()), int((~called & positive).sum())
+    tn, fp = int((~called & ~positive).sum()), int((called & ~positive).sum())
+    share = lambda a, b: a / (a + b) if a + b else None  # noqa: E731
+    return {"sensitivity": share(tp, fn), "specificity": share(tn, fp), "ppv": share(tp, fp), "npv": share(tn, fn)}
+
+
+def operating_thresholds(positive: np.ndarray, score: np.ndarray) -> dict | None:
+    """The score thresholds of the two operating points, chosen on these (another split's) images: the
+    highest threshold whose sensitivity reaches TARGET_SENSITIVITY (so the best specificity there), and the
+    lowest whose specificity reaches TARGET_SPECIFICITY (so the best sensitivity there). None without both
+    classes. A score at or above a threshold is called positive."""
+    if positive.all() or not positive.any():
+        return None
+    fpr, tpr, thresholds = roc_curve(positive, score, drop_intermediate=False)
+    # roc_curve's first threshold is +inf, nothing called positive; a JSON number just above any score says so
+    thresholds = np.minimum(thresholds, np.nextafter(1.0, 2.0))
+    sensitive = np.flatnonzero(tpr >= TARGET_SENSITIVITY)[0]
+    specific = np.flatnonzero(1 - fpr >= TARGET_SPECIFICITY)[-1]
+    return {"high_sensitivity": float(thresholds[sensitive]), "high_specificity": float(thresholds[specific])}
+
+
+def screening_metrics(grades: np.ndarray, probs: np.ndarray, grade: int, chosen: dict | None,
+                      chosen_on: str | None) -> dict:
+    """One screening question (grade or worse?) on these images: AUC and its ROC curve, the argmax grade's
+    sensitivity/specificity/PPV/NPV, and both operating points at thresholds chosen elsewhere (`chosen`, from
+    operating_thresholds on the split named `chosen_on`)."""
+    positive, score = grades >= grade, screening_score(probs, grade)
+    out = {"grade_at_least": grade, "positives": int(positive.sum()), "negatives": int((~positive).sum()),
+           "auc": None, **rates(positive, probs.argmax(1) >= grade), "operating_points": None,
+           "chosen_on": chosen_on, "roc": None}
+    if positive.any() and not positive.all():
+        out["auc"] = float(roc_auc_score(positive, score))
+        fpr, tpr, _ = roc_curve(positive, score)
+        out["roc"] = {"fpr": np.round(fpr, 5).tolist(), "tpr": np.round(tpr, 5).tolist()}
+    if chosen is not None:
+        out["operating_points"] = {
+            name: {"threshold": t, "sensitivity": rates(positive, score >= t)["sensitivity"],
+                   "specificity": rates(positive, score >= t)["specificity"]} for name, t in chosen.items()}
+    return out
+
+
+# --------------------------------------------------------------------------- kappa-tuned grading
+def expected_grade(probs: np.ndarray) -> np.ndarray:
+    """E = sum_k k * p_k: a continuous grade, what the Kaggle 2015 winners cut instead of taking the argmax."""
+    return probs @ np.arange(probs.shape[1], dtype=probs.dtype)
+
+
+def cut(expected: np.ndarray, thresholds) -> np.ndarray:
+    """The grade as the number of thresholds the expected grade exceeds."""
+    return (expected[:, None] > np.asarray(thresholds)[None, :]).sum(axis=1)
+
+
+def tune_thresholds(grades: np.ndarray, expected: np.ndarray, passes: int = 8, candidates: int = 200) -> list:
+    """Four ascending cut points maximising quadratic kappa on these (another split's) images: coordinate
+    ascent from 0.5, 1.5, 2.5, 3.5, each cut in turn set to the best of `candidates` quantiles of the expected
+    grade between its neighbours, until a pass changes nothing. Deterministic."""
+    thresholds = [0.5, 1.5, 2.5, 3.5]
+    best = quadratic_kappa(grades, cut(expected, thresholds))
+    grid = np.unique(np.quantile(expected, np.linspace(0, 1, candidates)))
+    for _ in range(passes):
+        changed = False
+        for i in range(4):
+            low = thresholds[i - 1] if i else -np.inf
+            high = thresholds[i + 1] if i < 3 else np.inf
+            for value in grid[(grid > low) & (grid < high)]:
+                trial = thresholds[:i] + [float(value)] + thresholds[i + 1:]
+                kappa = quadratic_kappa(grades, cut(expected, trial))
+                if kappa > best + 1e-12:
+                    best, thresholds, changed = kappa, trial, True
+        if not changed:
+            break
+    return thresholds
+
+
+# --------------------------------------------------------------------------- trust
+def calibration(grades: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> dict:
+    """Expected calibration error (Guo et al. 2017): the top-class probability in `bins` equal-width bins,
+    the sum over bins of (the bin's share of images) x |its accuracy - its mean confidence|; and the bins
+    themselves for a reliability diagram."""
+    confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == grades
+    index = np.minimum((confidence * bins).astype(int), bins - 1)  # (k/bins, (k+1)/bins], 1.0 in the last
+    table, ece = [], 0.0
+    for b in range(bins):
+        members = index == b
+        if members.any():
+            accuracy, mean_confidence = float(correct[members].mean()), float(confidence[members].mean())
+            ece += members.mean() * abs(accuracy - mean_confidence)
+        else:
+            accuracy = mean_confidence = None
+        table.append({"lower": b / bins, "upper": (b + 1) / bins, "count": int(members.sum()), "accuracy": accuracy,
+                      "confidence": mean_confidence})
+    return {"ece": float(ece), "bins": table}
+
+
+def bootstrap_intervals(patients: list[str], grades: np.ndarray, probs: np.ndarray,
+                        resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> dict:
+    """95 % percentile intervals of accuracy, quadratic kappa and referable AUC, resampling patients with
+    replacement (both eyes of a patient go together: they are not independent), `resamples` times from a
+    fixed seed. A patient drawn k times weighs k."""
+    ids, patient = np.unique(np.asarray(patients), return_inverse=True)
+    rng = np.random.default_rng(seed)
+    preds, referable = probs.argmax(1), grades >= SCREENING["referable"]
+    score = screening_score(probs, SCREENING["referable"])
+    values = {"accuracy": [], "kappa": [], "referable_auc": []}
+    for _ in range(resamples):
+        weight = np.bincount(rng.integers(0, len(ids), len(ids)), minlength=len(ids))[patient].astype(float)
+        values["accuracy"].append(float((weight * (preds == grades)).sum() / weight.sum()))
+        values["kappa"].append(quadratic_kappa(grades, preds, weight))
+        drawn = weight > 0
+        if referable[drawn].any() and not referable[drawn].all():
+            values["referable_auc"].append(float(roc_auc_score(referable, score, sample_weight=weight)))
+    return {name: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if v else None
+            for name, v in values.items()}
+
+
+# --------------------------------------------------------------------------- all of them
+def clinical_metrics(grades: np.ndarray, probs: np.ndarray, patients: list[str],
+                     reference: tuple[np.ndarray, np.ndarray, str] | None) -> dict:
+    """Screening, kappa-tuned grading, calibration and intervals of one split's predictions. `reference`:
+    (grades, probabilities, split name) of the split that operating points and thresholds are chosen on,
+    never the split reported here; None leaves them out."""
+    out = {}
+    for name, grade in SCREENING.items():
+        chosen = operating_thresholds(reference[0] >= grade, screening_score(reference[1], grade)) \
+            if reference is not None else None
+        out[name] = screening_metrics(grades, probs, grade, chosen, reference[2] if chosen else None)
+    if reference is not None:
+        thresholds = tune_thresholds(reference[0], expected_grade(reference[1]))
+        tuned = cut(expected_grade(probs), thresholds)
+        out.update(thresholds=thresholds, thresholds_from=reference[2],
+                   kappa_tuned=quadratic_kappa(grades, tuned), accuracy_tuned=float((tuned == grades).mean()))
+    else:
+        out.update(thresholds=None, thresholds_from=None, kappa_tuned=None, accuracy_tuned=None)
+    calibrated = calibration(grades, probs)
+    out.update(ece=calibrated["ece"], calibration=calibrated["bins"],
+               ci95=bootstrap_intervals(patients, grades, probs),
+               bootstrap={"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED,
+                          "patients": len(set(patients))})
+    return out
