@@ -269,15 +269,21 @@ def final_weights(root, out, *flags):
     return weights(out / "checkpoints" / "r" / "last.pt")
 
 
+@pytest.fixture(scope="module")
+def unflagged_weights(tiny_demo, tmp_path_factory):
+    # the same seed twice gives the same weights: a CPU run is deterministic
+    base = final_weights(tiny_demo, tmp_path_factory.mktemp("a"))
+    again = final_weights(tiny_demo, tmp_path_factory.mktemp("b"))
+    assert all(torch.equal(base[k], again[k]) for k in base)
+    return base
+
+
 @pytest.mark.parametrize("flags", [["--class-weighted"], ["--label-smoothing", "0.3"], ["--sampler", "balanced"],
                                    ["--optimizer", "adamw"], ["--no-augment"], ["--zero-init-residual"]])
-def test_each_training_flag_changes_the_trained_weights(tiny_demo, tmp_path, flags):
-    # the same seed twice gives the same weights (a CPU run is deterministic), the flag other weights:
-    # a flag that train.py ignored would leave them equal
-    base = final_weights(tiny_demo, tmp_path / "a")
-    again = final_weights(tiny_demo, tmp_path / "b")
-    flagged = final_weights(tiny_demo, tmp_path / "c", *flags)
-    assert all(torch.equal(base[k], again[k]) for k in base)
+def test_each_training_flag_changes_the_trained_weights(tiny_demo, tmp_path, flags, unflagged_weights):
+    # the flag gives other weights than the same run without it: a flag that train.py ignored would not
+    flagged = final_weights(tiny_demo, tmp_path, *flags)
+    base = unflagged_weights
     assert not all(torch.equal(base[k], flagged[k]) for k in base if base[k].is_floating_point())
 
 
