@@ -1,4 +1,4 @@
-"""Fundus photographs and their grades: dataset layouts, the uint8 input pipeline, samplers.
+"""Fundus photographs and their grades: the splits of a dataset, the uint8 input pipeline, samplers.
 
 Workers do what must happen per file (decode, resize, crop) and hand over uint8 CHW tensors; every
 random augmentation and the normalisation run batched on the training device (`BatchTransform`),
@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from fundus import IMAGE_EXTENSIONS, to_rgb
+from fundus import to_rgb
+from layouts import (LAB_FILES, LABEL_TABLES, index_images, parse_grades, patient_id, read_column, read_labels_table,
+                     read_lines, resolve_paths)
 from runtime import NUM_GRADES, UserError, input_folder, worker_signals
 
 # Decoded pixels arrive as read-only numpy arrays; torch warns when it wraps one. Nothing writes to
@@ -31,10 +33,6 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# The lab layout: per split, image names and grades, one value a line, no header row.
-LAB_FILES = {"train": ("train_img.csv", "train_label.csv"), "test": ("test_img.csv", "test_label.csv")}
-# Labels tables with a header: Kaggle EyePACS trainLabels.csv and APTOS 2019 train.csv.
-LABEL_TABLES = {"trainLabels.csv": ("image", "level"), "train.csv": ("id_code", "diagnosis")}
 DEFAULT_DATA_ROOT = Path("data")
 DEMO_ROOT = DEFAULT_DATA_ROOT / "demo"
 
@@ -100,72 +98,6 @@ class FundusData:
                            for name, table in self.splits().items()}}
 
 
-def read_lines(path: Path) -> tuple[list[str], list[int]]:
-    """A lab-layout CSV: one value per line and no header row (pandas' default header would drop the
-    first image). The values and their line numbers in the file; blank lines are skipped."""
-    if not path.is_file():
-        raise UserError(f"{path} is missing" + (" (it is a folder)" if path.is_dir() else ""))
-    try:
-        text = path.read_text()
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is not a text file") from None
-    values, numbers = [], []
-    for number, line in enumerate(text.splitlines(), 1):
-        value = line.strip().strip('"').strip()
-        if not value:
-            continue
-        if "," in value:
-            raise UserError(f"{path} line {number} holds several columns ({line.strip()[:40]!r}); "
-                            "the lab layout holds one value per line")
-        values.append(value)
-        numbers.append(number)
-    if not values:
-        raise UserError(f"{path} is empty")
-    return values, numbers
-
-
-def read_column(path: Path) -> list[str]:
-    """The values of a lab-layout CSV (see read_lines)."""
-    return read_lines(path)[0]
-
-
-def parse_grades(values, source: str, lines) -> np.ndarray:
-    """Integers 0-4, or one sentence naming the file, its line number and the value."""
-    grades = np.empty(len(values), dtype=np.int64)
-    for i, (value, line) in enumerate(zip(values, lines)):
-        text = str(value).strip()
-        if re.fullmatch(r"[+-]?\d+(\.0*)?", text) is None or not 0 <= int(float(text)) < NUM_GRADES:
-            raise UserError(f"{source} line {line}: grade '{value}' is not an integer 0-4")
-        grades[i] = int(float(text))
-    return grades
-
-
-def index_images(image_dir: Path) -> dict[str, str]:
-    """File names by stem and by full name, in one directory listing (no stat per image)."""
-    if not image_dir.is_dir():
-        raise UserError(f"image folder {image_dir} does not exist; pass --image-dir")
-    found: dict[str, str] = {}
-    with os.scandir(image_dir) as entries:
-        for entry in entries:
-            stem, ext = os.path.splitext(entry.name)
-            if ext.lower() in IMAGE_EXTENSIONS:
-                found[entry.name] = entry.path
-                rank = IMAGE_EXTENSIONS.index(ext.lower())
-                previous = found.get(stem)
-                if previous is None or IMAGE_EXTENSIONS.index(os.path.splitext(previous)[1].lower()) > rank:
-                    found[stem] = entry.path
-    return found
-
-
-def resolve_paths(names: list[str], images: dict[str, str], image_dir: Path, source: str) -> np.ndarray:
-    missing = [n for n in names if n not in images]
-    if missing:
-        shown = ", ".join(missing[:5])
-        raise UserError(f"{len(missing)} of {len(names)} images listed in {source} are missing from {image_dir} "
-                        f"(first: {shown}); expected <name> with one of {', '.join(IMAGE_EXTENSIONS)} there")
-    return np.array([images[n] for n in names])
-
-
 def read_lab_split(root: Path, split: str, images: dict[str, str], image_dir: Path) -> FundusTable:
     img_csv, label_csv = (root / name for name in LAB_FILES[split])
     names, (labels, lines) = read_column(img_csv), read_lines(label_csv)
@@ -174,29 +106,6 @@ def read_lab_split(root: Path, split: str, images: dict[str, str], image_dir: Pa
                         "the two files must have one line per image, in the same order")
     grades = parse_grades(labels, str(label_csv), lines)
     return FundusTable(resolve_paths(names, images, image_dir, str(img_csv)), grades, str(img_csv))
-
-
-def read_labels_table(path: Path) -> pd.DataFrame:
-    """A Kaggle/APTOS labels table as columns `name`, `grade` (validated)."""
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is not a readable CSV ({' '.join(str(err).split())})") from None
-    frame.index += 2  # the file's line numbers: line 1 is the header (no quoted line breaks in these tables)
-    frame = frame[(frame != "").any(axis=1)]  # blank lines
-    for name_col, grade_col in LABEL_TABLES.values():
-        if {name_col, grade_col} <= set(frame.columns):
-            if frame.empty:
-                raise UserError(f"{path} has a header but no rows")
-            grades = parse_grades(frame[grade_col].tolist(), str(path), frame.index.tolist())
-            return pd.DataFrame({"name": frame[name_col].str.strip().to_numpy(), "grade": grades})
-    expected = " or ".join(f"'{a},{b}'" for a, b in LABEL_TABLES.values())
-    raise UserError(f"{path} has columns {list(frame.columns)}; expected a header {expected}")
-
-
-def patient_id(name: str) -> str:
-    """EyePACS names both eyes `<patient>_left` / `<patient>_right`; other names are their own patient."""
-    return re.sub(r"_(left|right)$", "", Path(name).stem, flags=re.IGNORECASE)
 
 
 def patient_split(names, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
