@@ -12,7 +12,7 @@ import math
 import os
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +22,11 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from fundus import to_rgb
-from layouts import (LAB_FILES, LABEL_TABLES, index_images, parse_grades, patient_id, read_column, read_labels_table,
-                     read_lines, resolve_paths)
+import fundus
+import layouts
+# the lab's files and the table readers live in layouts.py; data/prepare.py and the tests import them
+# from here, as they did before layouts.py existed
+from layouts import LAB_FILES, patient_id, read_column, read_labels_table  # noqa: F401
 from runtime import NUM_GRADES, UserError, input_folder, worker_signals
 
 # Decoded pixels arrive as read-only numpy arrays; torch warns when it wraps one. Nothing writes to
@@ -46,12 +48,17 @@ class FundusTable:
     paths: np.ndarray
     grades: np.ndarray
     source: str  # the CSV it came from, for error messages
+    raw_photos: bool = False  # camera photos of any size, which FundusDataset crops to the eye
+    dataset: str = ""  # what evaluations on it are named after (FundusData.dataset)
+    extra: dict = field(default_factory=dict)  # columns kept from the table, an array each (EyePACS' usage)
+    excluded: dict = field(default_factory=dict)  # photos its table lists but the split leaves out, by reason
 
     def __len__(self) -> int:
         return len(self.grades)
 
     def subset(self, index: np.ndarray, source: str) -> "FundusTable":
-        return FundusTable(self.paths[index], self.grades[index], source)
+        return FundusTable(self.paths[index], self.grades[index], source, self.raw_photos, self.dataset,
+                           {key: values[index] for key, values in self.extra.items()})
 
     @property
     def names(self) -> list[str]:
@@ -65,14 +72,19 @@ class FundusTable:
 
 @dataclass
 class FundusData:
-    """Where the data came from and its splits (val is None unless --val-fraction is set)."""
+    """Where the data came from and its splits (val: the layout's own validation split, or the part
+    --val-fraction holds out; else None). `listed` holds the tables as the dataset publishes them, one
+    per split it ships, and `excluded` the photos they list but no split uses (split, name, reason, path)."""
 
-    layout: str  # "lab", "labels-table" or "demo"
+    layout: str  # a name of layouts.LAYOUTS, or "demo"
     root: Path
     image_dir: Path
     train: FundusTable
     test: FundusTable
     val: FundusTable | None = None
+    dataset: str = ""
+    listed: dict = field(default_factory=dict)
+    excluded: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["split", "name", "reason", "path"]))
 
     def prepare_options(self) -> dict | None:
         """What data/prepare.py recorded when it made this folder (size, Ben Graham), if it did."""
@@ -88,24 +100,30 @@ class FundusData:
         return {name: table for name, table in (("train", self.train), ("test", self.test), ("val", self.val))
                 if table is not None}
 
+    def excluded_counts(self) -> dict[str, int]:
+        return {str(k): int(v) for k, v in self.excluded["reason"].value_counts().sort_index().items()}
+
+    def all_images(self) -> FundusTable:
+        """Every labelled, gradable image of the dataset, all its published splits together (what
+        evaluate.py --split all reports on: a checkpoint's external validation)."""
+        tables = list(self.listed.values()) or list(self.splits().values())
+        common = set.intersection(*(set(t.extra) for t in tables))
+        return FundusTable(np.concatenate([t.paths for t in tables]), np.concatenate([t.grades for t in tables]),
+                           f"every gradable image of {self.dataset} ({', '.join(t.source for t in tables)})",
+                           tables[0].raw_photos, self.dataset,
+                           {key: np.concatenate([t.extra[key] for t in tables]) for key in common},
+                           self.excluded_counts())
+
     def record(self) -> dict:
         """What a checkpoint keeps of the data: absolute folders, so that a resume or an evaluation from
         another working folder finds them, and per split the image count and a digest of its names and
         grades, so that data moved elsewhere can be checked to be the same."""
-        return {"layout": self.layout, "root": str(self.root.absolute()), "image_dir": str(self.image_dir.absolute()),
+        return {"layout": self.layout, "dataset": self.dataset, "root": str(self.root.absolute()),
+                "image_dir": str(self.image_dir.absolute()), "raw_photos": self.train.raw_photos,
                 "train_counts": class_counts(self.train.grades).tolist(), "prepare": self.prepare_options(),
+                "excluded": self.excluded_counts(),
                 "splits": {name: {"images": len(table), "digest": table.digest()}
                            for name, table in self.splits().items()}}
-
-
-def read_lab_split(root: Path, split: str, images: dict[str, str], image_dir: Path) -> FundusTable:
-    img_csv, label_csv = (root / name for name in LAB_FILES[split])
-    names, (labels, lines) = read_column(img_csv), read_lines(label_csv)
-    if len(names) != len(labels):
-        raise UserError(f"{img_csv} lists {len(names)} images but {label_csv} lists {len(labels)} grades; "
-                        "the two files must have one line per image, in the same order")
-    grades = parse_grades(labels, str(label_csv), lines)
-    return FundusTable(resolve_paths(names, images, image_dir, str(img_csv)), grades, str(img_csv))
 
 
 def patient_split(names, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -122,70 +140,76 @@ def patient_split(names, fraction: float, seed: int) -> tuple[np.ndarray, np.nda
     return np.sort(kept), np.sort(held_out)
 
 
-def find_labels_table(root: Path) -> Path | None:
-    for name in LABEL_TABLES:
-        if (root / name).is_file():
-            return root / name
-    return None
+def find_root(data_root, log) -> tuple[Path, bool]:
+    """The dataset folder, and whether it is the synthetic demo set. data_root None means `data/`, or
+    the demo set when data/ holds none; a root the user named that holds no dataset is an error (in
+    layouts.detect), never a silent switch to the demo."""
+    import synthetic
+
+    if data_root is not None:
+        root = input_folder("--data-root", data_root)
+        return root, (root / synthetic.MARKER).is_file()  # the demo named by its folder trains at its size too
+    if layouts.holds_dataset(DEFAULT_DATA_ROOT):
+        return DEFAULT_DATA_ROOT, (DEFAULT_DATA_ROOT / synthetic.MARKER).is_file()
+    if synthetic.ensure_demo(DEMO_ROOT):
+        log(f"{DEFAULT_DATA_ROOT}/ holds no dataset: generated the synthetic demo set in {DEMO_ROOT}/")
+    else:
+        log(f"{DEFAULT_DATA_ROOT}/ holds no dataset: using the synthetic demo set in {DEMO_ROOT}/")
+    return DEMO_ROOT, True
 
 
-def holds_dataset(root: Path) -> bool:
-    return (root / LAB_FILES["train"][0]).is_file() or find_labels_table(root) is not None
+def dataset_name(layout: layouts.Layout, root: Path) -> str:
+    """What evaluations on a dataset are named after: a public layout's name (messidor2), else the data
+    root's folder name made safe for file names."""
+    if layout.public:
+        return layout.name
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", root.absolute().name).strip("-.") or layout.name
 
 
-def default_image_dir(root: Path) -> Path:
-    return root / "images" if (root / "images").is_dir() else root
+def as_table(split: layouts.Split, raw_photos: bool, dataset: str) -> FundusTable:
+    """The photos of a split's listing that it uses (graded, not left out), as a FundusTable."""
+    rows = split.rows[split.rows["excluded"] == ""]
+    extra = {key: rows[key].to_numpy() for key in rows.columns if key not in ("name", "grade", "excluded", "path")}
+    excluded = split.rows["excluded"][split.rows["excluded"] != ""].value_counts().sort_index()
+    return FundusTable(rows["path"].to_numpy(dtype=str), rows["grade"].to_numpy(), str(split.table), raw_photos,
+                       dataset, extra, {str(k): int(v) for k, v in excluded.items()})
+
+
+def arrange_splits(tables: dict[str, FundusTable], test_fraction: float, val_fraction: float, seed: int,
+                   log) -> tuple[FundusTable, FundusTable, FundusTable | None]:
+    """train, test and val: the published splits, with a test split drawn by patient from the training
+    table where the dataset publishes none, and with --val-fraction a validation part drawn from train
+    (in place of a published one, which is then left out)."""
+    train, test, val = tables["train"], tables.get("test"), tables.get("val")
+    if test is None:
+        kept, held_out = patient_split(train.names, test_fraction, seed)
+        train, test = train.subset(kept, f"{train.source} (train part)"), train.subset(held_out, f"{train.source} (test part)")
+    if val_fraction:
+        if val is not None:
+            log(f"--val-fraction {val_fraction}: the validation part is drawn from the training split; "
+                f"{val.source} is left out")
+        kept, held_out = patient_split(train.names, val_fraction, seed)
+        train, val = train.subset(kept, train.source), train.subset(held_out, f"{train.source} (validation part)")
+    return train, test, val
 
 
 def load_fundus_data(data_root: str | os.PathLike | None = None, image_dir: str | os.PathLike | None = None,
                      test_fraction: float = 0.2, val_fraction: float = 0.0, split_seed: int = 0,
-                     log=print) -> FundusData:
-    """The dataset under data_root, split into train/test(/val) and checked before any training.
-
-    data_root None means `data/`, or the synthetic demo set when data/ holds none; a root the user
-    named that holds no dataset is an error, never a silent switch to the demo.
-    """
-    layout = None
-    if data_root is None:
-        root = DEFAULT_DATA_ROOT
-        if not holds_dataset(root):
-            import synthetic
-
-            if synthetic.ensure_demo(DEMO_ROOT):
-                log(f"{root}/ holds no dataset: generated the synthetic demo set in {DEMO_ROOT}/")
-            else:
-                log(f"{root}/ holds no dataset: using the synthetic demo set in {DEMO_ROOT}/")
-            root, layout = DEMO_ROOT, "demo"
-    else:
-        root = input_folder("--data-root", data_root)
-        if not holds_dataset(root):
-            lab = ", ".join(name for pair in LAB_FILES.values() for name in pair)
-            raise UserError(f"--data-root {root} holds no dataset: expected the lab's {lab}, "
-                            f"or {' or '.join(LABEL_TABLES)}")
-    if layout is None:
-        import synthetic
-
-        if (root / synthetic.MARKER).is_file():
-            layout = "demo"  # the demo set named by its folder: it too trains at its own size
-    image_dir = input_folder("--image-dir", image_dir) if image_dir is not None else default_image_dir(root)
-    images = index_images(image_dir)
-    table = find_labels_table(root)
-    if (root / LAB_FILES["train"][0]).is_file():
-        train = read_lab_split(root, "train", images, image_dir)
-        test = read_lab_split(root, "test", images, image_dir)
-        layout = layout or "lab"
-    else:
-        frame = read_labels_table(table)
-        full = FundusTable(resolve_paths(frame["name"].tolist(), images, image_dir, str(table)),
-                           frame["grade"].to_numpy(), str(table))
-        kept, held_out = patient_split(frame["name"].tolist(), test_fraction, split_seed)
-        train, test = full.subset(kept, f"{table} (train part)"), full.subset(held_out, f"{table} (test part)")
-        layout = "labels-table"
-    val = None
-    if val_fraction:
-        kept, held_out = patient_split(train.names, val_fraction, split_seed)
-        train, val = train.subset(kept, train.source), train.subset(held_out, f"{train.source} (validation part)")
-    return FundusData(layout, root, image_dir, train, test, val)
+                     log=print, layout: str = "auto") -> FundusData:
+    """The dataset under data_root in its layout (layouts.detect, or the one named), split into
+    train/test(/val) and checked before any training: every graded photo it lists is found."""
+    root, demo = find_root(data_root, log)
+    found, base = layouts.detect(root, layout)
+    image_dir = input_folder("--image-dir", image_dir) if image_dir is not None else None
+    splits = layouts.read_splits(found, base, image_dir)
+    dataset = "demo" if demo else dataset_name(found, root)
+    listed = {name: as_table(split, found.raw_photos, dataset) for name, split in splits.items()}
+    train, test, val = arrange_splits(listed, test_fraction, val_fraction, split_seed, log)
+    excluded = pd.concat([split.rows.loc[split.rows["excluded"] != "", ["name", "excluded", "path"]]
+                         .rename(columns={"excluded": "reason"}).assign(split=name) for name, split in splits.items()],
+                         ignore_index=True)[["split", "name", "reason", "path"]]
+    folder = image_dir or Path(os.path.commonpath([split.folder for split in splits.values()]))
+    return FundusData("demo" if demo else found.name, root, folder, train, test, val, dataset, listed, excluded)
 
 
 def load_run_data(config: dict, recorded: dict, data_root=None, image_dir=None, log=print) -> FundusData:
@@ -205,17 +229,17 @@ def load_run_data(config: dict, recorded: dict, data_root=None, image_dir=None, 
     elif not moved and not Path(root).is_dir():
         raise UserError(f"the run's data folder {root} (recorded in its checkpoint) does not exist; pass "
                         "--data-root (and --image-dir) where the data is now")
-    fundus = load_fundus_data(root, image_dir, config.get("test_fraction", 0.2), config.get("val_fraction", 0.0),
-                              config.get("split_seed", 0), log=log)
+    data = load_fundus_data(root, image_dir, config.get("test_fraction", 0.2), config.get("val_fraction", 0.0),
+                              config.get("split_seed", 0), log=log, layout=config.get("layout", "auto"))
     for name, expected in recorded.get("splits", {}).items():
-        table = fundus.splits().get(name)
+        table = data.splits().get(name)
         if table is None or table.digest() != expected["digest"]:
             found = "none" if table is None else f"{len(table)} images"
-            raise UserError(f"{fundus.root} does not hold the data the run trained on: its {name} split has "
+            raise UserError(f"{data.root} does not hold the data the run trained on: its {name} split has "
                             f"{found}, the run's had {expected['images']} images"
                             + (" with other names or grades" if table is not None and len(table) == expected["images"]
                                else "") + "; pass --data-root (and --image-dir) where that data is")
-    return fundus
+    return data
 
 
 def class_counts(grades: np.ndarray) -> np.ndarray:
@@ -232,7 +256,7 @@ def load_square(path: str, size: int) -> Image.Image:
             img.draft("RGB", (size, size))
         img.load()
     if img.mode != "RGB":  # greyscale, 16-bit, RGBA, palette; an RGB image is used as decoded, not copied
-        img = to_rgb(img)
+        img = fundus.to_rgb(img)
     w, h = img.size
     if w != h:
         side = min(w, h)
@@ -403,3 +427,4 @@ def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
         r = torch.rot90(x, k, dims=(2, 3))
         views += [r, torch.flip(r, dims=(3,))]
     return views
+
