@@ -267,6 +267,23 @@ def load_square(path: str, size: int) -> Image.Image:
     return img
 
 
+class NoEye(ValueError):
+    """A raw photo in which fundus.find_eye finds no eye (a black, blank or overexposed frame)."""
+
+
+def load_eye(path: str, size: int) -> tuple[Image.Image, bool]:
+    """size x size RGB of any fundus image, and whether it was cropped from a raw photo: an eye crop
+    (data/prepare.py's output, the lab's images) exactly as load_square brings the training crops; a raw
+    camera photo (any size, the eye on black) cropped to the eye first, as data/prepare.py crops it."""
+    img = fundus.open_fundus(Path(path), size)
+    if fundus.is_eye_crop(img):
+        return load_square(path, size), False
+    try:
+        return fundus.crop_eye(img, size), True
+    except ValueError as err:
+        raise NoEye(str(err)) from None
+
+
 def to_uint8_chw(img: Image.Image) -> torch.Tensor:
     """A 3 x H x W view of the decoded H x W x 3 pixels: no transposing copy per image (measured at a
     quarter of the decode time at 512 px); `collate_fundus` stacks the pixels as they lie."""
@@ -286,24 +303,37 @@ def collate_fundus(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor,
 
 
 class FundusDataset(Dataset):
-    """uint8 CHW images and integer grades. Holds names and grades only, never decoded pixels."""
+    """uint8 CHW images and integer grades. Holds names and grades only, never decoded pixels.
 
-    def __init__(self, table: FundusTable, image_size: int, skip_bad_images: bool = False):
+    A table of raw camera photos (a public dataset as published) is cropped to the eye on loading, each
+    epoch anew: data/prepare.py does it once, which is faster for many epochs. With ben_graham, a photo
+    cropped here is also normalised as data/prepare.py --ben-graham would have (for a model trained on such
+    crops); the lab's crops keep the plain load_square path."""
+
+    def __init__(self, table: FundusTable, image_size: int, skip_bad_images: bool = False, ben_graham: bool = False):
         self.table = table
         self.image_size = image_size
         self.skip_bad_images = skip_bad_images
+        self.ben_graham = ben_graham
 
     def __len__(self) -> int:
         return len(self.table)
 
+    def load(self, path: str) -> Image.Image:
+        if not self.table.raw_photos:
+            return load_square(path, self.image_size)
+        img, cropped = load_eye(path, self.image_size)
+        return fundus.ben_graham(img, self.image_size / 2) if cropped and self.ben_graham else img
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path = str(self.table.paths[index])
         try:
-            img = load_square(path, self.image_size)
+            img = self.load(path)
         except (OSError, UnidentifiedImageError, ValueError) as err:
             where = f"{path} (row {index + 1} of {self.table.source})"
+            problem = "found no eye in" if isinstance(err, NoEye) else "cannot decode"
             if not self.skip_bad_images:
-                raise UserError(f"cannot decode {where}: {err}; fix or remove it, or pass --skip-bad-images") from None
+                raise UserError(f"{problem} {where}: {err}; fix or remove it, or pass --skip-bad-images") from None
             warnings.warn(f"skipped unreadable image {where}: {err}", stacklevel=1)
             # grade -1 marks the slot; the training loop drops it and counts it
             return torch.zeros(self.image_size, self.image_size, 3, dtype=torch.uint8).permute(2, 0, 1), -1

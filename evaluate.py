@@ -175,7 +175,10 @@ def evaluate_checkpoint(checkpoint: dict, table: dataloader.FundusTable, device:
                         workers: int, tta: bool, show: bool = False) -> tuple[dict, np.ndarray]:
     """Metrics over the table, and the softmax probabilities [N, 5] (NaN rows for skipped images)."""
     model, transform, ctx = inference_setup(checkpoint, table.source, device)
-    dataset = dataloader.FundusDataset(table, checkpoint["image_size"], checkpoint["config"].get("skip_bad_images", False))
+    prepared = checkpoint.get("data", {}).get("prepare") or {}
+    # raw photos (a public dataset as published) are cropped to the eye, and normalised as the run's crops were
+    dataset = dataloader.FundusDataset(table, checkpoint["image_size"], checkpoint["config"].get("skip_bad_images", False),
+                                       prepared.get("ben_graham", False))
     loader = dataloader.build_loader(dataset, batch_size, dataloader.ShardSampler(len(dataset)), workers, device)
     log_probs, grades = predict(model, loader, transform, ctx, tta=tta, desc="evaluate", show=show)
     probs = log_probs.exp().numpy()
@@ -215,14 +218,8 @@ class PhotoDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def load(self, path: Path):
-        from PIL import Image
-
-        with Image.open(path) as img:
-            img.load()
-        if fundus.is_eye_crop(img):
-            return dataloader.load_square(str(path), self.size)
-        crop = fundus.crop_eye(img, self.size)
-        return fundus.ben_graham(crop) if self.ben_graham else crop
+        img, cropped = dataloader.load_eye(str(path), self.size)
+        return fundus.ben_graham(img) if cropped and self.ben_graham else img
 
     def __getitem__(self, i):
         try:

@@ -294,3 +294,25 @@ def test_layout_flag_forces_a_layout_and_says_what_it_lacks(tmp_path, capsys, de
     assert dataloader.load_fundus_data(tmp_path, layout="labels-table").layout == "labels-table"
     err = run_train(capsys, "--data-root", str(tmp_path), "--layout", "ddr")
     assert "--layout ddr" in err and "no train.txt" in err
+
+
+# --------------------------------------------------------------------------- raw photos to eye crops
+def test_raw_photos_are_cropped_to_the_eye_and_crops_keep_the_fast_path(tmp_path, demo_photos):
+    photos, _ = demo_photos
+    raw = save(photos[1], tmp_path / "raw.png")
+    table = dataloader.FundusTable(np.array([str(raw)]), np.array([1]), "t", raw_photos=True)
+    seen = dataloader.FundusDataset(table, 64)[0][0].permute(1, 2, 0).numpy()
+    assert np.array_equal(seen, np.asarray(fundus.crop_eye(Image.open(raw), 64)))
+    plain = dataloader.FundusDataset(dataloader.FundusTable(table.paths, table.grades, "t"), 64)[0][0]
+    assert np.array_equal(plain.permute(1, 2, 0).numpy(), np.asarray(dataloader.load_square(str(raw), 64)))
+    crop = save(fundus.crop_eye(Image.open(raw), 64), tmp_path / "crop.png")
+    table = dataloader.FundusTable(np.array([str(crop)]), np.array([1]), "t", raw_photos=True)
+    assert np.array_equal(dataloader.FundusDataset(table, 48)[0][0].permute(1, 2, 0).numpy(),
+                          np.asarray(dataloader.load_square(str(crop), 48)))
+
+
+def test_a_raw_photo_with_no_eye_is_one_sentence(tmp_path):
+    black = save(Image.new("RGB", (80, 60)), tmp_path / "black.png")
+    table = dataloader.FundusTable(np.array([str(black)]), np.array([0]), "train.csv", raw_photos=True)
+    with pytest.raises(UserError, match=r"found no eye in .*black.png \(row 1 of train.csv\): no eye found"):
+        dataloader.FundusDataset(table, 32)[0]
