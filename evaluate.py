@@ -24,6 +24,7 @@ from sklearn.metrics import accuracy_score, cohen_kappa_score, confusion_matrix,
 
 import dataloader
 import fundus
+import layouts
 import models
 from runtime import (GRADE_NAMES, NUM_GRADES, Parser, UserError, autocast, check_output, choose_device,
                      exit_on_user_error, is_pretrained, load_checkpoint, memory_format, precision, progress,
@@ -37,8 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="a .pt file written by train.py")
     p.add_argument("--data-root", default=None, help="dataset folder (default: the one the run trained on)")
-    p.add_argument("--image-dir", default=None, help="image folder (default: the run's, or <data-root>/images)")
-    p.add_argument("--split", default="test", choices=["test", "val", "train"])
+    p.add_argument("--image-dir", default=None, help="image folder (default: the run's, or found under --data-root)")
+    p.add_argument("--split", default="test", choices=["test", "val", "train", "all"],
+                   help="all: every labelled, gradable image of the dataset, all its splits (external validation, "
+                        "with --data-root another dataset); written as <run>_on_<dataset>_eval.json")
+    p.add_argument("--layout", default="auto", choices=["auto", *layouts.NAMES],
+                   help="with --data-root: its layout (auto: recognised from its files)")
     p.add_argument("--tta", action="store_true", help="average the softmax over the 8 flips and quarter turns")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=None, help="loader processes (default: CPUs, at most 16)")
@@ -158,13 +163,17 @@ def inference_setup(checkpoint: dict, source, device: torch.device):
 
 def split_table(checkpoint: dict, args) -> dataloader.FundusTable:
     """The split to evaluate: the run's own data and split (found from any working folder, checked to be
-    unchanged), or with --data-root the data there, split by the run's flags."""
+    unchanged), or with --data-root the data there, split by the run's flags; --split all: every gradable
+    image of it, whatever its splits."""
     config = checkpoint["config"]
     if args.data_root is None:
         fundus = dataloader.load_run_data(config, checkpoint.get("data", {}), image_dir=args.image_dir)
     else:
         fundus = dataloader.load_fundus_data(args.data_root, args.image_dir, config.get("test_fraction", 0.2),
-                                             config.get("val_fraction", 0.0), config.get("split_seed", 0))
+                                             config.get("val_fraction", 0.0), config.get("split_seed", 0),
+                                             layout=getattr(args, "layout", "auto"))
+    if args.split == "all":
+        return fundus.all_images()
     table = getattr(fundus, args.split)
     if table is None:
         raise UserError("--split val: the run held out no validation part (it trained with --val-fraction 0)")
@@ -341,14 +350,16 @@ def grade_photos(args, checkpoint: dict, device: torch.device, workers: int) -> 
 def evaluate_split_command(args, checkpoint: dict, device: torch.device, workers: int) -> None:
     run_name = checkpoint["config"].get("run_name") or Path(args.checkpoint).parent.name
     table = split_table(checkpoint, args)
-    metrics, _ = evaluate_checkpoint(checkpoint, table, device, args.batch_size, workers, args.tta,
-                                     show=not args.quiet)
-    stem = f"{run_name}_tta" if args.tta else run_name
+    metrics, probs = evaluate_checkpoint(checkpoint, table, device, args.batch_size, workers, args.tta,
+                                         show=not args.quiet)
+    on = evaluated_on(checkpoint, args, table)
+    stem = f"{run_name}_on_{on}" if on else run_name
+    stem = f"{stem}_tta" if args.tta else stem
     result = {"run_name": run_name, "arch": checkpoint["arch"],
               "pretrained": is_pretrained(checkpoint["config"]),
               "checkpoint": str(args.checkpoint), "epoch": checkpoint["epoch"], "split": args.split,
               "num_images": int(sum(c["support"] for c in metrics["per_class"].values())),
-              "tta": args.tta, **metrics}
+              "tta": args.tta, **metrics, **dataset_fields(table, on, probs)}
     log_dir = Path(checkpoint["config"].get("log_dir", "logs"))
     out = Path(args.out) if args.out else log_dir / f"{stem}_eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -358,7 +369,9 @@ def evaluate_split_command(args, checkpoint: dict, device: torch.device, workers
     figure = Path(args.figure_dir) / f"confusion_{stem}.png"
     figure.parent.mkdir(parents=True, exist_ok=True)
     plot.plot_confusion(metrics["confusion_matrix"], figure)
-    print(f"{args.checkpoint} (epoch {checkpoint['epoch']}) on the {args.split} split: {result['num_images']} images"
+    where = f"every gradable image of {on}" if args.split == "all" else f"the {args.split} split" + (f" of {on}" if on else "")
+    left_out = "".join(f", left out: {n} {reason}" for reason, n in table.excluded.items())
+    print(f"{args.checkpoint} (epoch {checkpoint['epoch']}) on {where}: {result['num_images']} images{left_out}"
           + (", TTA x8" if args.tta else ""))
     print(format_report(metrics))
     print(f"wrote {out} and {figure}")
@@ -368,13 +381,40 @@ def evaluate_split_command(args, checkpoint: dict, device: torch.device, workers
         print(f"wrote {cams} (Grad-CAMs of up to {args.cam_per_grade} images per grade; plot.py draws them)")
 
 
+def evaluated_on(checkpoint: dict, args, table: dataloader.FundusTable) -> str | None:
+    """The dataset an evaluation is named after (<run>_on_<dataset>_eval.json, plot.py's row "<run> on
+    <dataset>") when it is not one of the run's own splits: --split all, or --data-root a folder other than
+    the run's. The name is the layout's for a public dataset (messidor2), else the data root's folder name."""
+    recorded = checkpoint.get("data", {}).get("root")
+    elsewhere = args.data_root is not None and (recorded is None or Path(args.data_root).resolve() != Path(recorded).resolve())
+    return (table.dataset or "data") if args.split == "all" or elsewhere else None
+
+
+def dataset_fields(table: dataloader.FundusTable, on: str | None, probs: np.ndarray) -> dict:
+    """What the metrics JSON records of the data: the dataset, the one it is named after (None: the run's
+    own split), the photos its tables list but no split uses, and on EyePACS' official test split the
+    accuracy and kappa per leaderboard (Usage Public/Private), comparable with the competition's."""
+    fields = {"dataset": table.dataset, "evaluated_on": on, "excluded": table.excluded}
+    usage = table.extra.get("usage")
+    if usage is not None:
+        scored = ~np.isnan(probs).any(axis=1)
+        fields["by_usage"] = {}
+        for board in sorted(set(usage[scored].tolist())):
+            rows = scored & (usage == board)
+            board_metrics = grading_metrics(table.grades[rows], probs[rows].argmax(1))
+            fields["by_usage"][board] = {"num_images": int(rows.sum()), "accuracy": board_metrics["accuracy"],
+                                         "kappa": board_metrics["kappa"]}
+    return fields
+
+
 def check_args(args) -> None:
     """Flags out of range, and outputs that cannot be written, before any work."""
     rules = [(args.batch_size >= 1, "--batch-size must be at least 1"),
              (args.workers is None or args.workers >= 0, "--workers must not be negative"),
              (args.cam_per_grade >= 0, "--cam-per-grade must not be negative"),
              (not args.cam or args.images, "--cam needs --images (for a split, --cam-per-grade feeds plot.py's "
-                                           "contact sheet)")]
+                                           "contact sheet)"),
+             (args.layout == "auto" or args.data_root, "--layout needs --data-root (a run's own data keeps its layout)")]
     for ok, message in rules:
         if not ok:
             raise UserError(message)

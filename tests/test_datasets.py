@@ -316,3 +316,91 @@ def test_a_raw_photo_with_no_eye_is_one_sentence(tmp_path):
     table = dataloader.FundusTable(np.array([str(black)]), np.array([0]), "train.csv", raw_photos=True)
     with pytest.raises(UserError, match=r"found no eye in .*black.png \(row 1 of train.csv\): no eye found"):
         dataloader.FundusDataset(table, 32)[0]
+
+
+# --------------------------------------------------------------------------- training and external validation
+def run_args(root, out, *extra):
+    return ["--data-root", str(root), "--image-size", "32", "--batch-size", "8", "--workers", "0",
+            "--checkpoint-dir", str(out / "checkpoints"), "--log-dir", str(out / "logs"), "--quiet", *extra]
+
+
+@pytest.fixture(scope="module")
+def ddr_run(tmp_path_factory, demo_photos):
+    """A run trained on DDR as published (its valid split chooses best.pt), and Messidor-2 and EyePACS
+    copies to evaluate it on."""
+    base = tmp_path_factory.mktemp("external")
+    make_ddr(base / "DDR-dataset", demo_photos)
+    make_messidor(base / "messidor2", demo_photos)
+    make_eyepacs(base / "eyepacs", demo_photos)
+    train.main(run_args(base / "DDR-dataset", base, "--epochs", "2"))
+    return base, base / "checkpoints" / "resnet18_scratch" / "best.pt"
+
+
+def test_ddr_trains_as_published_and_chooses_best_pt_on_its_valid_split(ddr_run):
+    base, best = ddr_run
+    summary = json.loads((base / "logs" / "resnet18_scratch.json").read_text())
+    assert summary["best_metric_name"] == "val_acc" and summary["data"]["layout"] == "ddr"
+    assert summary["data"]["splits"]["val"]["images"] == 8 - DDR_UNGRADABLE["valid"]
+    assert summary["data"]["excluded"] == {layouts.UNGRADABLE: sum(DDR_UNGRADABLE.values())}
+    assert summary["config"]["layout"] == "auto" and torch.load(best, weights_only=True)["data"]["raw_photos"]
+
+
+def test_external_validation_on_every_gradable_image_of_another_dataset(ddr_run, capsys):
+    base, best = ddr_run
+    evaluate.main([str(best), "--data-root", str(base / "messidor2"), "--split", "all", "--workers", "0",
+                   "--quiet", "--figure-dir", str(base / "figures")])
+    out = base / "logs" / "resnet18_scratch_on_messidor2_eval.json"
+    result = json.loads(out.read_text())
+    assert (base / "figures" / "confusion_resnet18_scratch_on_messidor2.png").is_file()
+    assert "every gradable image of messidor2: 28 images, left out: 2 not gradable" in capsys.readouterr().out
+    written = pd.read_csv(base / "messidor2" / "messidor_data.csv")
+    gradable = written[written["adjudicated_gradable"] == 1]
+    assert result["evaluated_on"] == "messidor2" and result["split"] == "all" and result["num_images"] == len(gradable)
+    assert np.array(result["confusion_matrix"]).sum(1).tolist() == \
+        np.bincount(gradable["adjudicated_dr_grade"].astype(int), minlength=5).tolist()
+    assert result["excluded"] == {layouts.NOT_GRADABLE: 2}
+
+
+def test_raw_photos_are_evaluated_as_crops_of_the_eye(ddr_run):
+    # the oracle: fundus.crop_eye on each photo, then the model, without the loader
+    base, best = ddr_run
+    checkpoint = torch.load(best, weights_only=True)
+    table = dataloader.load_fundus_data(base / "messidor2").all_images()
+    _, probs = evaluate.evaluate_checkpoint(checkpoint, table, torch.device("cpu"), 8, 0, tta=False)
+    model, transform, ctx = evaluate.inference_setup(checkpoint, "oracle", torch.device("cpu"))
+    crops = torch.stack([torch.from_numpy(np.asarray(fundus.crop_eye(Image.open(p).convert("RGB"), 32))).permute(2, 0, 1)
+                         for p in table.paths])
+    expected = evaluate.softmax_over_views(model, transform(crops), ctx, tta=False).numpy()
+    np.testing.assert_allclose(probs, expected, atol=1e-4)
+
+
+def test_eyepacs_test_split_reports_each_leaderboard(ddr_run):
+    base, best = ddr_run
+    evaluate.main([str(best), "--data-root", str(base / "eyepacs"), "--split", "test", "--workers", "0", "--quiet",
+                   "--figure-dir", str(base / "figures")])
+    result = json.loads((base / "logs" / "resnet18_scratch_on_eyepacs_eval.json").read_text())
+    solution = pd.read_csv(base / "eyepacs" / "retinopathy_solution.csv")
+    assert result["num_images"] == len(solution) and result["evaluated_on"] == "eyepacs"
+    assert {k: v["num_images"] for k, v in result["by_usage"].items()} == solution["Usage"].value_counts().to_dict()
+    correct = sum(v["num_images"] * v["accuracy"] for v in result["by_usage"].values())
+    assert correct == pytest.approx(result["accuracy"] * len(solution))
+
+
+def test_plot_shows_an_external_validation_as_its_own_row(ddr_run, tmp_path):
+    base, best = ddr_run
+    for root, split in ((base / "messidor2", "all"), (base / "eyepacs", "test")):
+        evaluate.main([str(best), "--data-root", str(root), "--split", split, "--workers", "0", "--quiet",
+                       "--figure-dir", str(base / "figures")])
+    plot.main([str(base / "logs"), "--out", str(tmp_path)])
+    summary = (tmp_path / "summary.md").read_text().splitlines()
+    history = pd.read_csv(base / "logs" / "resnet18_scratch.csv")
+    best_epoch = json.loads((base / "logs" / "resnet18_scratch.json").read_text())["best_epoch"]
+    run_row = next(line for line in summary if line.startswith("| resnet18_scratch |"))
+    # the run's own row: its test split's kappa from the log, no evaluation on other data in its place
+    assert f"| {history['test_kappa'][best_epoch - 1]:.3f} | - |" in run_row
+    for dataset in ("messidor2", "eyepacs"):
+        result = json.loads((base / "logs" / f"resnet18_scratch_on_{dataset}_eval.json").read_text())
+        row = next(line for line in summary if line.startswith(f"| resnet18_scratch on {dataset} |"))
+        assert f"| {100 * result['accuracy']:.2f} | - | {result['kappa']:.3f} | {result['macro_f1']:.3f} |" in row
+        assert (tmp_path / f"confusion_resnet18_scratch_on_{dataset}.png").is_file()
+    assert any(line.startswith("Rows 'RUN on DATASET'") for line in summary)
