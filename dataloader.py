@@ -27,7 +27,7 @@ import layouts
 # the lab's files and the table readers live in layouts.py; data/prepare.py and the tests import them
 # from here, as they did before layouts.py existed
 from layouts import LAB_FILES, patient_id, read_column, read_labels_table  # noqa: F401
-from runtime import NUM_GRADES, UserError, input_folder, worker_signals
+from runtime import NUM_GRADES, Parser, UserError, check_output, exit_on_user_error, input_folder, worker_signals
 
 # Decoded pixels arrive as read-only numpy arrays; torch warns when it wraps one. Nothing writes to
 # them in place (BatchTransform makes a float copy first), and copying to silence it costs time.
@@ -458,3 +458,113 @@ def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
         views += [r, torch.flip(r, dims=(3,))]
     return views
 
+
+# --------------------------------------------------------------------------- the data card
+def grade_table(fundus: FundusData) -> str:
+    """Per split: images, patients and images per grade, and the table it came from, as plain text."""
+    rows = {}
+    for name, table in [*fundus.splits().items(), ("all", fundus.all_images())]:
+        counts = class_counts(table.grades)
+        rows[name] = {"images": len(table), "patients": len({layouts.patient_of(p) for p in table.paths}),
+                      **{f"grade {g}": int(c) for g, c in enumerate(counts)},
+                      "from": table.source.replace(f"{fundus.root}{os.sep}", "") if name != "all" else "every split"}
+    return pd.DataFrame(rows).T.to_string()
+
+
+def image_sizes(fundus: FundusData, sample: int) -> str:
+    """The pixel sizes of up to `sample` photos per split, spread over it (headers only, no decoding)."""
+    seen: dict[str, int] = {}
+    for table in fundus.splits().values():
+        for i in np.unique(np.linspace(0, len(table) - 1, min(sample, len(table))).astype(int)):
+            try:
+                with Image.open(table.paths[i]) as img:
+                    size = f"{img.width}x{img.height}"
+            except (OSError, UnidentifiedImageError, ValueError):
+                size = "unreadable"
+            seen[size] = seen.get(size, 0) + 1
+    ranked = sorted(seen.items(), key=lambda item: -item[1])
+    return (f"image sizes (a sample of up to {sample} a split, {sum(seen.values())} photos): "
+            + ", ".join(f"{size} ({n})" for size, n in ranked[:8]) + (f" and {len(ranked) - 8} more" if len(ranked) > 8 else ""))
+
+
+def duplicates(fundus: FundusData, by_content: bool) -> list[str]:
+    """Photos listed twice in a split, photos and patients in more than one split (a leak between train
+    and test); with by_content, files with the same bytes under different names (reads every file)."""
+    paths = {split: table.paths.tolist() for split, table in fundus.splits().items()}
+    twice = {split: len(listed) - len(set(listed)) for split, listed in paths.items()}
+    photo_splits: dict[str, set] = {}
+    patient_splits: dict[str, set] = {}
+    for split, listed in paths.items():
+        for path in listed:
+            photo_splits.setdefault(path, set()).add(split)
+            patient_splits.setdefault(layouts.patient_of(path), set()).add(split)
+    lines = [f"duplicates: {sum(twice.values())} photos listed twice in a split"
+             + "".join(f" ({n} in {split})" for split, n in twice.items() if n)
+             + f", {sum(len(s) > 1 for s in photo_splits.values())} photos and "
+               f"{sum(len(s) > 1 for s in patient_splits.values())} patients in more than one split"]
+    if by_content:
+        groups: dict[str, list[str]] = {}
+        for path in sorted({p for listed in paths.values() for p in listed}):
+            groups.setdefault(hashlib.sha1(Path(path).read_bytes()).hexdigest(), []).append(path)
+        same = [group for group in groups.values() if len(group) > 1]
+        lines.append(f"identical files under different names: {len(same)} groups"
+                     + (f" (first: {' = '.join(same[0])})" if same else ""))
+    return lines
+
+
+def data_card(fundus: FundusData, sample: int = 20, by_content: bool = False) -> str:
+    """What a dataset holds, as plain text: its layout, per split the images per grade and patients, the
+    photos left out and why, image sizes seen (a sample) and duplicates. No model is needed."""
+    layout = layouts.BY_NAME.get(fundus.layout)
+    title = layout.title if layout else "the synthetic demo set (lab layout)"
+    lines = [f"{fundus.dataset}: {title}, layout {fundus.layout}, at {fundus.root}",
+             f"photos in {fundus.image_dir}" + ("; raw camera photos, cropped to the eye when loaded"
+                                                if fundus.train.raw_photos else "; used as they are (eye crops)"),
+             "", grade_table(fundus), ""]
+    left_out = fundus.excluded
+    if len(left_out):
+        for reason, rows in left_out.groupby("reason"):
+            per_split = ", ".join(f"{n} in {split}" for split, n in rows["split"].value_counts().sort_index().items())
+            lines.append(f"left out: {len(rows)} {reason} ({per_split}); --excluded-csv lists them")
+    else:
+        lines.append("left out: none")
+    return "\n".join(lines + [image_sizes(fundus, sample)] + duplicates(fundus, by_content))
+
+
+def build_card_parser() -> Parser:
+    p = Parser(description="The data card of a dataset: its layout, counts per split and grade, patients, the "
+                           "photos left out, image sizes and duplicates (no model needed).")
+    p.add_argument("--data-root", default=None, help="dataset folder (default: data/, else the demo set)")
+    p.add_argument("--image-dir", default=None, help="image folder (default: found, as train.py finds it)")
+    p.add_argument("--layout", default="auto", choices=["auto", *layouts.NAMES],
+                   help="the dataset's layout (default auto: recognised from its files)")
+    p.add_argument("--describe", action="store_true", help="print the data card (what this command does anyway)")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="as train.py: the drawn test split's share")
+    p.add_argument("--val-fraction", type=float, default=0.0, help="as train.py: the drawn validation share")
+    p.add_argument("--split-seed", type=int, default=0, help="as train.py: the seed of drawn splits")
+    p.add_argument("--sample", type=int, default=20, help="photos per split whose size is read (default 20)")
+    p.add_argument("--hash", action="store_true", help="also find identical files by content (reads every file)")
+    p.add_argument("--excluded-csv", default=None, metavar="PATH",
+                   help="write the photos left out as CSV: split,name,reason,path (e.g. DDR's ungradable ones, "
+                        "labelled negatives for a gradability check)")
+    return p
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    """python dataloader.py --data-root DIR: the data card."""
+    args = build_card_parser().parse_args(argv)
+    if args.sample < 1:
+        raise UserError("--sample must be at least 1")
+    if args.excluded_csv:
+        check_output("--excluded-csv", args.excluded_csv, folder=False)
+    fundus = load_fundus_data(args.data_root, args.image_dir, args.test_fraction, args.val_fraction,
+                              args.split_seed, layout=args.layout)
+    print(data_card(fundus, args.sample, args.hash))
+    if args.excluded_csv:
+        fundus.excluded.to_csv(args.excluded_csv, index=False)
+        print(f"wrote {args.excluded_csv} ({len(fundus.excluded)} photos left out)")
+
+
+if __name__ == "__main__":
+    main()

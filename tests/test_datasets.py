@@ -404,3 +404,70 @@ def test_plot_shows_an_external_validation_as_its_own_row(ddr_run, tmp_path):
         assert f"| {100 * result['accuracy']:.2f} | - | {result['kappa']:.3f} | {result['macro_f1']:.3f} |" in row
         assert (tmp_path / f"confusion_resnet18_scratch_on_{dataset}.png").is_file()
     assert any(line.startswith("Rows 'RUN on DATASET'") for line in summary)
+
+
+# --------------------------------------------------------------------------- the data card
+def card_rows(text: str) -> dict:
+    """The split rows of the card's table: split -> {column: value}."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["images", "patients"])
+    header = ["images", "patients", *(f"grade {g}" for g in range(5))]
+    rows = {}
+    for line in lines[start + 1:]:
+        if not line.strip():
+            break
+        fields = line.split()
+        rows[fields[0]] = dict(zip(header, map(int, fields[1:8])))
+    return rows
+
+
+def test_data_card_counts_grades_patients_exclusions_sizes_and_duplicates(tmp_path, capsys, demo_photos):
+    expected = make_ddr(tmp_path, demo_photos)
+    out = tmp_path / "left_out.csv"
+    dataloader.main(["--data-root", str(tmp_path), "--excluded-csv", str(out), "--sample", "100"])
+    text = capsys.readouterr().out
+    rows = card_rows(text)
+    for split, name in (("train", "train"), ("val", "valid"), ("test", "test")):
+        grades = [g for g, s in expected.values() if s == name and g != 5]
+        assert rows[split] == {"images": len(grades), "patients": len(grades),
+                               **{f"grade {g}": grades.count(g) for g in range(5)}}
+    assert rows["all"]["images"] == sum(g != 5 for g, _ in expected.values())
+    assert "left out: 4 ungradable (grade 5) (1 in test, 2 in train, 1 in val)" in text
+    sizes = pd.Series([photo.size for photo in demo_photos[0][:N_PHOTOS]])
+    graded_sizes = [f"{w}x{h}" for (w, h), (g, _) in zip(sizes, expected.values()) if g != 5]
+    for size in set(graded_sizes):
+        assert f"{size} ({graded_sizes.count(size)})" in text
+    assert "duplicates: 0 photos listed twice in a split, 0 photos and 0 patients in more than one split" in text
+    listed = pd.read_csv(out)
+    assert len(listed) == 4 and set(listed["reason"]) == {layouts.UNGRADABLE} and listed["path"].map(
+        lambda p: Path(p).is_file()).all()
+
+
+def test_data_card_finds_leaks_and_identical_files(tmp_path, capsys, demo_photos, tiny_demo):
+    make_eyepacs(tmp_path, demo_photos)
+    solution = tmp_path / "retinopathy_solution.csv"
+    solution.write_text(solution.read_text() + "30_left,0,Public\n")  # a new patient, a copy of a training photo
+    (tmp_path / "test" / "30_left.jpeg").write_bytes((tmp_path / "train" / "10_left.jpeg").read_bytes())
+    dataloader.main(["--data-root", str(tmp_path), "--hash"])
+    text = capsys.readouterr().out
+    assert "eyepacs: Kaggle EyePACS 2015, layout eyepacs" in text and card_rows(text)["test"]["images"] == 13
+    assert "0 photos and 0 patients in more than one split" in text
+    assert f"identical files under different names: 1 groups (first: {tmp_path / 'test' / '30_left.jpeg'} = " \
+           f"{tmp_path / 'train' / '10_left.jpeg'})" in text
+    train_labels = tmp_path / "trainLabels.csv"
+    train_labels.write_text(train_labels.read_text() + "29_left,0\n10_left,0\n")  # a test patient; a photo twice
+    (tmp_path / "train" / "29_left.jpeg").write_bytes((tmp_path / "test" / "29_left.jpeg").read_bytes())
+    dataloader.main(["--data-root", str(tmp_path)])
+    assert "duplicates: 1 photos listed twice in a split (1 in train), 0 photos and 1 patients in more than " \
+           "one split" in capsys.readouterr().out
+    lab = tmp_path / "lab"
+    lab.mkdir()
+    (lab / "images").symlink_to(tiny_demo / "images")
+    for name in ("train_img.csv", "train_label.csv", "test_img.csv", "test_label.csv"):
+        text = (tiny_demo / name).read_text()
+        (lab / name).write_text(text + text.splitlines()[0] + "\n" if name.startswith("test") else text)
+    dataloader.main(["--data-root", str(lab)])  # the test split lists its own first photo twice
+    assert "1 photos listed twice in a split (1 in test), 0 photos" in capsys.readouterr().out
+    (lab / "test_img.csv").write_text((tiny_demo / "test_img.csv").read_text() + "1_left\n")
+    dataloader.main(["--data-root", str(lab)])  # 1_left is a training photo
+    assert "0 photos listed twice in a split, 1 photos and 1 patients in more than one split" in capsys.readouterr().out
