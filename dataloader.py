@@ -229,8 +229,11 @@ def load_run_data(config: dict, recorded: dict, data_root=None, image_dir=None, 
     elif not moved and not Path(root).is_dir():
         raise UserError(f"the run's data folder {root} (recorded in its checkpoint) does not exist; pass "
                         "--data-root (and --image-dir) where the data is now")
+    # the layout the run was read in, not the one detected now: a run of a labels table stays one when a
+    # train/ folder (EyePACS') has appeared beside it since, or when it predates the public layouts
+    layout = recorded.get("layout") if recorded.get("layout") in layouts.BY_NAME else config.get("layout", "auto")
     data = load_fundus_data(root, image_dir, config.get("test_fraction", 0.2), config.get("val_fraction", 0.0),
-                              config.get("split_seed", 0), log=log, layout=config.get("layout", "auto"))
+                            config.get("split_seed", 0), log=log, layout=layout)
     for name, expected in recorded.get("splits", {}).items():
         table = data.splits().get(name)
         if table is None or table.digest() != expected["digest"]:

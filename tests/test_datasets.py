@@ -202,6 +202,9 @@ def test_idrid_as_unzipped_from_its_parent_or_its_own_folder(tmp_path, demo_phot
                {("test", n): g for n, g in graded(data.test).items()} == expected
         assert (len(data.train), len(data.test)) == (30, 10)
         assert all("b. Testing Set" in p for p in data.test.paths)
+    # the testing set's IDRiD_001 is another photo than the training set's: no leak, 40 patients
+    card = dataloader.data_card(data)
+    assert card_rows(card)["all"]["patients"] == 40 and "0 photos and 0 patients in more than one split" in card
 
 
 def test_ddr_valid_is_the_validation_split_and_grade_5_is_left_out(tmp_path, demo_photos):
@@ -227,6 +230,10 @@ def test_a_checkpoint_record_finds_the_same_published_splits_again(tmp_path, dem
     assert record["layout"] == "ddr" and record["excluded"] == {layouts.UNGRADABLE: 4} and record["raw_photos"]
     again = dataloader.load_run_data({"layout": "ddr"}, record)
     assert again.val.digest() == data.val.digest() and again.test.digest() == data.test.digest()
+    (tmp_path / "ddr" / "train").mkdir()  # the folder now looks like EyePACS too: the run's layout wins
+    (tmp_path / "ddr" / "trainLabels.csv").write_text("image,level\n1_left,0\n")
+    assert layouts.detect(tmp_path / "ddr")[0].name == "eyepacs"
+    assert dataloader.load_run_data({}, record).layout == "ddr"
     test_txt = tmp_path / "ddr" / "DR_grading" / "test.txt"
     test_txt.write_text(test_txt.read_text().splitlines()[-1] + "\n")  # a test split of one photo
     with pytest.raises(UserError, match="does not hold the data the run trained on: its test split"):
