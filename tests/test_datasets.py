@@ -339,8 +339,17 @@ def ddr_run(tmp_path_factory, demo_photos):
     make_ddr(base / "DDR-dataset", demo_photos)
     make_messidor(base / "messidor2", demo_photos)
     make_eyepacs(base / "eyepacs", demo_photos)
-    train.main(run_args(base / "DDR-dataset", base, "--epochs", "2"))
+    train.main(run_args(base / "DDR-dataset", base, "--epochs", "1"))
     return base, base / "checkpoints" / "resnet18_scratch" / "best.pt"
+
+
+@pytest.mark.parametrize("make,layout", [(make_eyepacs, "eyepacs"), (make_aptos, "aptos"),
+                                         (make_messidor, "messidor2"), (make_idrid, "idrid")])
+def test_each_dataset_trains_as_unzipped(tmp_path, demo_photos, make, layout):
+    make(tmp_path / "download", demo_photos)
+    train.main(run_args(tmp_path / "download", tmp_path, "--epochs", "1", "--batch-size", "16"))
+    checkpoint = torch.load(tmp_path / "checkpoints" / "resnet18_scratch" / "last.pt", weights_only=True)
+    assert checkpoint["data"]["layout"] == layout and checkpoint["epoch"] == 1
 
 
 def test_ddr_trains_as_published_and_chooses_best_pt_on_its_valid_split(ddr_run):
