@@ -183,7 +183,8 @@ def arrange_splits(tables: dict[str, FundusTable], test_fraction: float, val_fra
     train, test, val = tables["train"], tables.get("test"), tables.get("val")
     if test is None:
         kept, held_out = patient_split(train.names, test_fraction, seed)
-        train, test = train.subset(kept, f"{train.source} (train part)"), train.subset(held_out, f"{train.source} (test part)")
+        train, test = (train.subset(kept, f"{train.source} (train part)"),
+                       train.subset(held_out, f"{train.source} (test part)"))
     if val_fraction:
         if val is not None:
             log(f"--val-fraction {val_fraction}: the validation part is drawn from the training split; "
@@ -486,8 +487,9 @@ def image_sizes(fundus: FundusData, sample: int) -> str:
                 size = "unreadable"
             seen[size] = seen.get(size, 0) + 1
     ranked = sorted(seen.items(), key=lambda item: -item[1])
+    more = f" and {len(ranked) - 8} more" if len(ranked) > 8 else ""
     return (f"image sizes (a sample of up to {sample} a split, {sum(seen.values())} photos): "
-            + ", ".join(f"{size} ({n})" for size, n in ranked[:8]) + (f" and {len(ranked) - 8} more" if len(ranked) > 8 else ""))
+            + ", ".join(f"{size} ({n})" for size, n in ranked[:8]) + more)
 
 
 def duplicates(fundus: FundusData, by_content: bool) -> list[str]:

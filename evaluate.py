@@ -186,8 +186,8 @@ def evaluate_checkpoint(checkpoint: dict, table: dataloader.FundusTable, device:
     model, transform, ctx = inference_setup(checkpoint, table.source, device)
     prepared = checkpoint.get("data", {}).get("prepare") or {}
     # raw photos (a public dataset as published) are cropped to the eye, and normalised as the run's crops were
-    dataset = dataloader.FundusDataset(table, checkpoint["image_size"], checkpoint["config"].get("skip_bad_images", False),
-                                       prepared.get("ben_graham", False))
+    skip_bad_images = checkpoint["config"].get("skip_bad_images", False)
+    dataset = dataloader.FundusDataset(table, checkpoint["image_size"], skip_bad_images, prepared.get("ben_graham", False))
     loader = dataloader.build_loader(dataset, batch_size, dataloader.ShardSampler(len(dataset)), workers, device)
     log_probs, grades = predict(model, loader, transform, ctx, tta=tta, desc="evaluate", show=show)
     probs = log_probs.exp().numpy()
@@ -369,7 +369,8 @@ def evaluate_split_command(args, checkpoint: dict, device: torch.device, workers
     figure = Path(args.figure_dir) / f"confusion_{stem}.png"
     figure.parent.mkdir(parents=True, exist_ok=True)
     plot.plot_confusion(metrics["confusion_matrix"], figure)
-    where = f"every gradable image of {on}" if args.split == "all" else f"the {args.split} split" + (f" of {on}" if on else "")
+    where = (f"every gradable image of {on}" if args.split == "all"
+             else f"the {args.split} split" + (f" of {on}" if on else ""))
     left_out = "".join(f", left out: {n} {reason}" for reason, n in table.excluded.items())
     print(f"{args.checkpoint} (epoch {checkpoint['epoch']}) on {where}: {result['num_images']} images{left_out}"
           + (", TTA x8" if args.tta else ""))
@@ -386,7 +387,8 @@ def evaluated_on(checkpoint: dict, args, table: dataloader.FundusTable) -> str |
     <dataset>") when it is not one of the run's own splits: --split all, or --data-root a folder other than
     the run's. The name is the layout's for a public dataset (messidor2), else the data root's folder name."""
     recorded = checkpoint.get("data", {}).get("root")
-    elsewhere = args.data_root is not None and (recorded is None or Path(args.data_root).resolve() != Path(recorded).resolve())
+    elsewhere = args.data_root is not None and (recorded is None
+                                                or Path(args.data_root).resolve() != Path(recorded).resolve())
     return (table.dataset or "data") if args.split == "all" or elsewhere else None
 
 
@@ -414,7 +416,8 @@ def check_args(args) -> None:
              (args.cam_per_grade >= 0, "--cam-per-grade must not be negative"),
              (not args.cam or args.images, "--cam needs --images (for a split, --cam-per-grade feeds plot.py's "
                                            "contact sheet)"),
-             (args.layout == "auto" or args.data_root, "--layout needs --data-root (a run's own data keeps its layout)")]
+             (args.layout == "auto" or args.data_root,
+              "--layout needs --data-root (a run's own data keeps its layout)")]
     for ok, message in rules:
         if not ok:
             raise UserError(message)

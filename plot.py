@@ -404,7 +404,8 @@ def dataset_rows(evals: list[dict]) -> list[str]:
         data = evaluation["data"]
         accuracy = data.get("accuracy")
         rows.append(" | ".join([
-            f"| {data.get('run_name', evaluation['name'])} on {data['evaluated_on']}" + (" (TTA)" if data.get("tta") else ""),
+            f"| {data.get('run_name', evaluation['name'])} on {data['evaluated_on']}"
+            + (" (TTA)" if data.get("tta") else ""),
             display_name(str(data.get("arch", "-")).lower()), "yes" if data.get("pretrained") else "no",
             str(data.get("epoch", "-")), _number(None if accuracy is None else 100 * accuracy, ".2f"), "-",
             _number(data.get("kappa"), ".3f"), _number(data.get("macro_f1"), ".3f"), "-"]) + " |")

@@ -57,9 +57,11 @@ def build_parser() -> Parser:
     g.add_argument("--data-root", default=None,
                    help="dataset folder (default: data/, or the synthetic demo set when data/ holds none)")
     g.add_argument("--image-dir", default=None,
-                   help="image folder (default: found: the layout's own folders, images/, beside the table, sub-folders)")
+                   help="image folder (default: found: the layout's own folders, images/, beside the table, "
+                        "a sub-folder)")
     g.add_argument("--layout", default="auto", choices=["auto", *layouts.NAMES],
-                   help="the dataset's layout (auto: recognised from the files in --data-root; README, Public datasets)")
+                   help="the dataset's layout (auto: recognised from the files in --data-root; see the README, "
+                        "Public datasets)")
     g.add_argument("--image-size", type=int, default=None,
                    help="training resolution (default: 512, the demo set's own size on the demo)")
     g.add_argument("--test-fraction", type=float, default=0.2,

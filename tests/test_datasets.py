@@ -31,7 +31,7 @@ def demo_photos(tmp_path_factory):
     root = synthetic.generate_demo(tmp_path_factory.mktemp("demo") / "demo", n_train=N_PHOTOS - 10, n_test=10,
                                    size=EYE, seed=1, workers=1, quiet=True)
     names = layouts.read_column(root / "train_img.csv") + layouts.read_column(root / "test_img.csv")
-    grades = [int(g) for g in layouts.read_column(root / "train_label.csv") + layouts.read_column(root / "test_label.csv")]
+    grades = [int(g) for split in ("train", "test") for g in layouts.read_column(root / f"{split}_label.csv")]
     photos = []
     for i, name in enumerate(names):
         frame = Image.new("RGB", (EYE + 16 + 6 * (i % 3), EYE + 6 + 2 * (i % 3)))
@@ -122,7 +122,7 @@ def make_idrid(root: Path, demo) -> dict:
         for n, i in enumerate(span, 1):
             name = f"IDRiD_{n:03d}"  # the testing set numbers its photos from 001 again
             save(photos[i], base / "1. Original Images" / folder / f"{name}.jpg")
-            lines.append(f"{name},{grades[i]},{i % 3}{trailing * (n % 3)}")  # as many empty cells as the header, or more
+            lines.append(f"{name},{grades[i]},{i % 3}{trailing * (n % 3)}")  # none, as many as the header, or more
             expected[(split, name)] = int(grades[i])
         write_csv(base / "2. Groundtruths" / table, "\r\n".join(lines) + "\r\n")
     return expected
@@ -163,7 +163,8 @@ def test_eyepacs_uses_the_official_test_split_and_keeps_usage(tmp_path, demo_pho
     assert data.test.source == str(tmp_path / "retinopathy_solution.csv")
     solution = pd.read_csv(tmp_path / "retinopathy_solution.csv")
     assert data.test.extra["usage"].tolist() == solution["Usage"].tolist()
-    assert Path(data.train.paths[0]).parent == tmp_path / "train" and Path(data.test.paths[0]).parent == tmp_path / "test"
+    assert Path(data.train.paths[0]).parent == tmp_path / "train"
+    assert Path(data.test.paths[0]).parent == tmp_path / "test"
 
 
 def test_eyepacs_without_its_test_folder_draws_a_patient_split(tmp_path, demo_photos):
@@ -384,8 +385,8 @@ def test_raw_photos_are_evaluated_as_crops_of_the_eye(ddr_run):
     table = dataloader.load_fundus_data(base / "messidor2").all_images()
     _, probs = evaluate.evaluate_checkpoint(checkpoint, table, torch.device("cpu"), 8, 0, tta=False)
     model, transform, ctx = evaluate.inference_setup(checkpoint, "oracle", torch.device("cpu"))
-    crops = torch.stack([torch.from_numpy(np.asarray(fundus.crop_eye(Image.open(p).convert("RGB"), 32))).permute(2, 0, 1)
-                         for p in table.paths])
+    crops = torch.stack([torch.from_numpy(np.asarray(fundus.crop_eye(Image.open(p).convert("RGB"), 32)))
+                         .permute(2, 0, 1) for p in table.paths])
     expected = evaluate.softmax_over_views(model, transform(crops), ctx, tta=False).numpy()
     np.testing.assert_allclose(probs, expected, atol=1e-4)
 
