@@ -1,4 +1,4 @@
-"""Fundus photographs and their grades: dataset layouts, the uint8 input pipeline, samplers.
+"""Fundus photographs and their grades: the splits of a dataset, the uint8 input pipeline, samplers.
 
 Workers do what must happen per file (decode, resize, crop) and hand over uint8 CHW tensors; every
 random augmentation and the normalisation run batched on the training device (`BatchTransform`),
@@ -12,7 +12,7 @@ import math
 import os
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +22,12 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from fundus import IMAGE_EXTENSIONS, to_rgb
-from runtime import NUM_GRADES, UserError, input_folder, worker_signals
+import fundus
+import layouts
+# the lab's files and the table readers live in layouts.py; data/prepare.py and the tests import them
+# from here, as they did before layouts.py existed
+from layouts import LAB_FILES, patient_id, read_column, read_labels_table  # noqa: F401
+from runtime import NUM_GRADES, Parser, UserError, check_output, exit_on_user_error, input_folder, worker_signals
 
 # Decoded pixels arrive as read-only numpy arrays; torch warns when it wraps one. Nothing writes to
 # them in place (BatchTransform makes a float copy first), and copying to silence it costs time.
@@ -31,10 +35,6 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# The lab layout: per split, image names and grades, one value a line, no header row.
-LAB_FILES = {"train": ("train_img.csv", "train_label.csv"), "test": ("test_img.csv", "test_label.csv")}
-# Labels tables with a header: Kaggle EyePACS trainLabels.csv and APTOS 2019 train.csv.
-LABEL_TABLES = {"trainLabels.csv": ("image", "level"), "train.csv": ("id_code", "diagnosis")}
 DEFAULT_DATA_ROOT = Path("data")
 DEMO_ROOT = DEFAULT_DATA_ROOT / "demo"
 
@@ -48,12 +48,17 @@ class FundusTable:
     paths: np.ndarray
     grades: np.ndarray
     source: str  # the CSV it came from, for error messages
+    raw_photos: bool = False  # camera photos of any size, which FundusDataset crops to the eye
+    dataset: str = ""  # what evaluations on it are named after (FundusData.dataset)
+    extra: dict = field(default_factory=dict)  # columns kept from the table, an array each (EyePACS' usage)
+    excluded: dict = field(default_factory=dict)  # photos its table lists but the split leaves out, by reason
 
     def __len__(self) -> int:
         return len(self.grades)
 
     def subset(self, index: np.ndarray, source: str) -> "FundusTable":
-        return FundusTable(self.paths[index], self.grades[index], source)
+        return FundusTable(self.paths[index], self.grades[index], source, self.raw_photos, self.dataset,
+                           {key: values[index] for key, values in self.extra.items()})
 
     @property
     def names(self) -> list[str]:
@@ -67,14 +72,19 @@ class FundusTable:
 
 @dataclass
 class FundusData:
-    """Where the data came from and its splits (val is None unless --val-fraction is set)."""
+    """Where the data came from and its splits (val: the layout's own validation split, or the part
+    --val-fraction holds out; else None). `listed` holds the tables as the dataset publishes them, one
+    per split it ships, and `excluded` the photos they list but no split uses (split, name, reason, path)."""
 
-    layout: str  # "lab", "labels-table" or "demo"
+    layout: str  # a name of layouts.LAYOUTS, or "demo"
     root: Path
     image_dir: Path
     train: FundusTable
     test: FundusTable
     val: FundusTable | None = None
+    dataset: str = ""
+    listed: dict = field(default_factory=dict)
+    excluded: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["split", "name", "reason", "path"]))
 
     def prepare_options(self) -> dict | None:
         """What data/prepare.py recorded when it made this folder (size, Ben Graham), if it did."""
@@ -90,113 +100,30 @@ class FundusData:
         return {name: table for name, table in (("train", self.train), ("test", self.test), ("val", self.val))
                 if table is not None}
 
+    def excluded_counts(self) -> dict[str, int]:
+        return {str(k): int(v) for k, v in self.excluded["reason"].value_counts().sort_index().items()}
+
+    def all_images(self) -> FundusTable:
+        """Every labelled, gradable image of the dataset, all its published splits together (what
+        evaluate.py --split all reports on: a checkpoint's external validation)."""
+        tables = list(self.listed.values()) or list(self.splits().values())
+        common = set.intersection(*(set(t.extra) for t in tables))
+        return FundusTable(np.concatenate([t.paths for t in tables]), np.concatenate([t.grades for t in tables]),
+                           f"every gradable image of {self.dataset} ({', '.join(t.source for t in tables)})",
+                           tables[0].raw_photos, self.dataset,
+                           {key: np.concatenate([t.extra[key] for t in tables]) for key in common},
+                           self.excluded_counts())
+
     def record(self) -> dict:
         """What a checkpoint keeps of the data: absolute folders, so that a resume or an evaluation from
         another working folder finds them, and per split the image count and a digest of its names and
         grades, so that data moved elsewhere can be checked to be the same."""
-        return {"layout": self.layout, "root": str(self.root.absolute()), "image_dir": str(self.image_dir.absolute()),
+        return {"layout": self.layout, "dataset": self.dataset, "root": str(self.root.absolute()),
+                "image_dir": str(self.image_dir.absolute()), "raw_photos": self.train.raw_photos,
                 "train_counts": class_counts(self.train.grades).tolist(), "prepare": self.prepare_options(),
+                "excluded": self.excluded_counts(),
                 "splits": {name: {"images": len(table), "digest": table.digest()}
                            for name, table in self.splits().items()}}
-
-
-def read_lines(path: Path) -> tuple[list[str], list[int]]:
-    """A lab-layout CSV: one value per line and no header row (pandas' default header would drop the
-    first image). The values and their line numbers in the file; blank lines are skipped."""
-    if not path.is_file():
-        raise UserError(f"{path} is missing" + (" (it is a folder)" if path.is_dir() else ""))
-    try:
-        text = path.read_text()
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is not a text file") from None
-    values, numbers = [], []
-    for number, line in enumerate(text.splitlines(), 1):
-        value = line.strip().strip('"').strip()
-        if not value:
-            continue
-        if "," in value:
-            raise UserError(f"{path} line {number} holds several columns ({line.strip()[:40]!r}); "
-                            "the lab layout holds one value per line")
-        values.append(value)
-        numbers.append(number)
-    if not values:
-        raise UserError(f"{path} is empty")
-    return values, numbers
-
-
-def read_column(path: Path) -> list[str]:
-    """The values of a lab-layout CSV (see read_lines)."""
-    return read_lines(path)[0]
-
-
-def parse_grades(values, source: str, lines) -> np.ndarray:
-    """Integers 0-4, or one sentence naming the file, its line number and the value."""
-    grades = np.empty(len(values), dtype=np.int64)
-    for i, (value, line) in enumerate(zip(values, lines)):
-        text = str(value).strip()
-        if re.fullmatch(r"[+-]?\d+(\.0*)?", text) is None or not 0 <= int(float(text)) < NUM_GRADES:
-            raise UserError(f"{source} line {line}: grade '{value}' is not an integer 0-4")
-        grades[i] = int(float(text))
-    return grades
-
-
-def index_images(image_dir: Path) -> dict[str, str]:
-    """File names by stem and by full name, in one directory listing (no stat per image)."""
-    if not image_dir.is_dir():
-        raise UserError(f"image folder {image_dir} does not exist; pass --image-dir")
-    found: dict[str, str] = {}
-    with os.scandir(image_dir) as entries:
-        for entry in entries:
-            stem, ext = os.path.splitext(entry.name)
-            if ext.lower() in IMAGE_EXTENSIONS:
-                found[entry.name] = entry.path
-                rank = IMAGE_EXTENSIONS.index(ext.lower())
-                previous = found.get(stem)
-                if previous is None or IMAGE_EXTENSIONS.index(os.path.splitext(previous)[1].lower()) > rank:
-                    found[stem] = entry.path
-    return found
-
-
-def resolve_paths(names: list[str], images: dict[str, str], image_dir: Path, source: str) -> np.ndarray:
-    missing = [n for n in names if n not in images]
-    if missing:
-        shown = ", ".join(missing[:5])
-        raise UserError(f"{len(missing)} of {len(names)} images listed in {source} are missing from {image_dir} "
-                        f"(first: {shown}); expected <name> with one of {', '.join(IMAGE_EXTENSIONS)} there")
-    return np.array([images[n] for n in names])
-
-
-def read_lab_split(root: Path, split: str, images: dict[str, str], image_dir: Path) -> FundusTable:
-    img_csv, label_csv = (root / name for name in LAB_FILES[split])
-    names, (labels, lines) = read_column(img_csv), read_lines(label_csv)
-    if len(names) != len(labels):
-        raise UserError(f"{img_csv} lists {len(names)} images but {label_csv} lists {len(labels)} grades; "
-                        "the two files must have one line per image, in the same order")
-    grades = parse_grades(labels, str(label_csv), lines)
-    return FundusTable(resolve_paths(names, images, image_dir, str(img_csv)), grades, str(img_csv))
-
-
-def read_labels_table(path: Path) -> pd.DataFrame:
-    """A Kaggle/APTOS labels table as columns `name`, `grade` (validated)."""
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is not a readable CSV ({' '.join(str(err).split())})") from None
-    frame.index += 2  # the file's line numbers: line 1 is the header (no quoted line breaks in these tables)
-    frame = frame[(frame != "").any(axis=1)]  # blank lines
-    for name_col, grade_col in LABEL_TABLES.values():
-        if {name_col, grade_col} <= set(frame.columns):
-            if frame.empty:
-                raise UserError(f"{path} has a header but no rows")
-            grades = parse_grades(frame[grade_col].tolist(), str(path), frame.index.tolist())
-            return pd.DataFrame({"name": frame[name_col].str.strip().to_numpy(), "grade": grades})
-    expected = " or ".join(f"'{a},{b}'" for a, b in LABEL_TABLES.values())
-    raise UserError(f"{path} has columns {list(frame.columns)}; expected a header {expected}")
-
-
-def patient_id(name: str) -> str:
-    """EyePACS names both eyes `<patient>_left` / `<patient>_right`; other names are their own patient."""
-    return re.sub(r"_(left|right)$", "", Path(name).stem, flags=re.IGNORECASE)
 
 
 def patient_split(names, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -213,70 +140,77 @@ def patient_split(names, fraction: float, seed: int) -> tuple[np.ndarray, np.nda
     return np.sort(kept), np.sort(held_out)
 
 
-def find_labels_table(root: Path) -> Path | None:
-    for name in LABEL_TABLES:
-        if (root / name).is_file():
-            return root / name
-    return None
+def find_root(data_root, log) -> tuple[Path, bool]:
+    """The dataset folder, and whether it is the synthetic demo set. data_root None means `data/`, or
+    the demo set when data/ holds none; a root the user named that holds no dataset is an error (in
+    layouts.detect), never a silent switch to the demo."""
+    import synthetic
+
+    if data_root is not None:
+        root = input_folder("--data-root", data_root)
+        return root, (root / synthetic.MARKER).is_file()  # the demo named by its folder trains at its size too
+    if layouts.holds_dataset(DEFAULT_DATA_ROOT):
+        return DEFAULT_DATA_ROOT, (DEFAULT_DATA_ROOT / synthetic.MARKER).is_file()
+    if synthetic.ensure_demo(DEMO_ROOT):
+        log(f"{DEFAULT_DATA_ROOT}/ holds no dataset: generated the synthetic demo set in {DEMO_ROOT}/")
+    else:
+        log(f"{DEFAULT_DATA_ROOT}/ holds no dataset: using the synthetic demo set in {DEMO_ROOT}/")
+    return DEMO_ROOT, True
 
 
-def holds_dataset(root: Path) -> bool:
-    return (root / LAB_FILES["train"][0]).is_file() or find_labels_table(root) is not None
+def dataset_name(layout: layouts.Layout, root: Path) -> str:
+    """What evaluations on a dataset are named after: a public layout's name (messidor2), else the data
+    root's folder name made safe for file names."""
+    if layout.public:
+        return layout.name
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", root.absolute().name).strip("-.") or layout.name
 
 
-def default_image_dir(root: Path) -> Path:
-    return root / "images" if (root / "images").is_dir() else root
+def as_table(split: layouts.Split, raw_photos: bool, dataset: str) -> FundusTable:
+    """The photos of a split's listing that it uses (graded, not left out), as a FundusTable."""
+    rows = split.rows[split.rows["excluded"] == ""]
+    extra = {key: rows[key].to_numpy() for key in rows.columns if key not in ("name", "grade", "excluded", "path")}
+    excluded = split.rows["excluded"][split.rows["excluded"] != ""].value_counts().sort_index()
+    return FundusTable(rows["path"].to_numpy(dtype=str), rows["grade"].to_numpy(), str(split.table), raw_photos,
+                       dataset, extra, {str(k): int(v) for k, v in excluded.items()})
+
+
+def arrange_splits(tables: dict[str, FundusTable], test_fraction: float, val_fraction: float, seed: int,
+                   log) -> tuple[FundusTable, FundusTable, FundusTable | None]:
+    """train, test and val: the published splits, with a test split drawn by patient from the training
+    table where the dataset publishes none, and with --val-fraction a validation part drawn from train
+    (in place of a published one, which is then left out)."""
+    train, test, val = tables["train"], tables.get("test"), tables.get("val")
+    if test is None:
+        kept, held_out = patient_split(train.names, test_fraction, seed)
+        train, test = (train.subset(kept, f"{train.source} (train part)"),
+                       train.subset(held_out, f"{train.source} (test part)"))
+    if val_fraction:
+        if val is not None:
+            log(f"--val-fraction {val_fraction}: the validation part is drawn from the training split; "
+                f"{val.source} is left out")
+        kept, held_out = patient_split(train.names, val_fraction, seed)
+        train, val = train.subset(kept, train.source), train.subset(held_out, f"{train.source} (validation part)")
+    return train, test, val
 
 
 def load_fundus_data(data_root: str | os.PathLike | None = None, image_dir: str | os.PathLike | None = None,
                      test_fraction: float = 0.2, val_fraction: float = 0.0, split_seed: int = 0,
-                     log=print) -> FundusData:
-    """The dataset under data_root, split into train/test(/val) and checked before any training.
-
-    data_root None means `data/`, or the synthetic demo set when data/ holds none; a root the user
-    named that holds no dataset is an error, never a silent switch to the demo.
-    """
-    layout = None
-    if data_root is None:
-        root = DEFAULT_DATA_ROOT
-        if not holds_dataset(root):
-            import synthetic
-
-            if synthetic.ensure_demo(DEMO_ROOT):
-                log(f"{root}/ holds no dataset: generated the synthetic demo set in {DEMO_ROOT}/")
-            else:
-                log(f"{root}/ holds no dataset: using the synthetic demo set in {DEMO_ROOT}/")
-            root, layout = DEMO_ROOT, "demo"
-    else:
-        root = input_folder("--data-root", data_root)
-        if not holds_dataset(root):
-            lab = ", ".join(name for pair in LAB_FILES.values() for name in pair)
-            raise UserError(f"--data-root {root} holds no dataset: expected the lab's {lab}, "
-                            f"or {' or '.join(LABEL_TABLES)}")
-    if layout is None:
-        import synthetic
-
-        if (root / synthetic.MARKER).is_file():
-            layout = "demo"  # the demo set named by its folder: it too trains at its own size
-    image_dir = input_folder("--image-dir", image_dir) if image_dir is not None else default_image_dir(root)
-    images = index_images(image_dir)
-    table = find_labels_table(root)
-    if (root / LAB_FILES["train"][0]).is_file():
-        train = read_lab_split(root, "train", images, image_dir)
-        test = read_lab_split(root, "test", images, image_dir)
-        layout = layout or "lab"
-    else:
-        frame = read_labels_table(table)
-        full = FundusTable(resolve_paths(frame["name"].tolist(), images, image_dir, str(table)),
-                           frame["grade"].to_numpy(), str(table))
-        kept, held_out = patient_split(frame["name"].tolist(), test_fraction, split_seed)
-        train, test = full.subset(kept, f"{table} (train part)"), full.subset(held_out, f"{table} (test part)")
-        layout = "labels-table"
-    val = None
-    if val_fraction:
-        kept, held_out = patient_split(train.names, val_fraction, split_seed)
-        train, val = train.subset(kept, train.source), train.subset(held_out, f"{train.source} (validation part)")
-    return FundusData(layout, root, image_dir, train, test, val)
+                     log=print, layout: str = "auto") -> FundusData:
+    """The dataset under data_root in its layout (layouts.detect, or the one named), split into
+    train/test(/val) and checked before any training: every graded photo it lists is found."""
+    root, demo = find_root(data_root, log)
+    found, base = layouts.detect(root, layout)
+    image_dir = input_folder("--image-dir", image_dir) if image_dir is not None else None
+    splits = layouts.read_splits(found, base, image_dir)
+    dataset = "demo" if demo else dataset_name(found, root)
+    listed = {name: as_table(split, found.raw_photos, dataset) for name, split in splits.items()}
+    train, test, val = arrange_splits(listed, test_fraction, val_fraction, split_seed, log)
+    excluded = pd.concat([split.rows.loc[split.rows["excluded"] != "", ["name", "excluded", "path"]]
+                         .rename(columns={"excluded": "reason"}).assign(split=name) for name, split in splits.items()],
+                         ignore_index=True)[["split", "name", "reason", "path"]]
+    folder = image_dir or Path(os.path.commonpath([split.folder for split in splits.values()]))
+    return FundusData("demo" if demo else found.name, root, folder, train, test, val, dataset, listed, excluded)
 
 
 def load_run_data(config: dict, recorded: dict, data_root=None, image_dir=None, log=print) -> FundusData:
@@ -296,17 +230,20 @@ def load_run_data(config: dict, recorded: dict, data_root=None, image_dir=None, 
     elif not moved and not Path(root).is_dir():
         raise UserError(f"the run's data folder {root} (recorded in its checkpoint) does not exist; pass "
                         "--data-root (and --image-dir) where the data is now")
-    fundus = load_fundus_data(root, image_dir, config.get("test_fraction", 0.2), config.get("val_fraction", 0.0),
-                              config.get("split_seed", 0), log=log)
+    # the layout the run was read in, not the one detected now: a run of a labels table stays one when a
+    # train/ folder (EyePACS') has appeared beside it since, or when it predates the public layouts
+    layout = recorded.get("layout") if recorded.get("layout") in layouts.BY_NAME else config.get("layout", "auto")
+    data = load_fundus_data(root, image_dir, config.get("test_fraction", 0.2), config.get("val_fraction", 0.0),
+                            config.get("split_seed", 0), log=log, layout=layout)
     for name, expected in recorded.get("splits", {}).items():
-        table = fundus.splits().get(name)
+        table = data.splits().get(name)
         if table is None or table.digest() != expected["digest"]:
             found = "none" if table is None else f"{len(table)} images"
-            raise UserError(f"{fundus.root} does not hold the data the run trained on: its {name} split has "
+            raise UserError(f"{data.root} does not hold the data the run trained on: its {name} split has "
                             f"{found}, the run's had {expected['images']} images"
                             + (" with other names or grades" if table is not None and len(table) == expected["images"]
                                else "") + "; pass --data-root (and --image-dir) where that data is")
-    return fundus
+    return data
 
 
 def class_counts(grades: np.ndarray) -> np.ndarray:
@@ -323,7 +260,7 @@ def load_square(path: str, size: int) -> Image.Image:
             img.draft("RGB", (size, size))
         img.load()
     if img.mode != "RGB":  # greyscale, 16-bit, RGBA, palette; an RGB image is used as decoded, not copied
-        img = to_rgb(img)
+        img = fundus.to_rgb(img)
     w, h = img.size
     if w != h:
         side = min(w, h)
@@ -332,6 +269,23 @@ def load_square(path: str, size: int) -> Image.Image:
     if img.size != (size, size):
         img = img.resize((size, size), Image.BILINEAR, reducing_gap=2.0)
     return img
+
+
+class NoEye(ValueError):
+    """A raw photo in which fundus.find_eye finds no eye (a black, blank or overexposed frame)."""
+
+
+def load_eye(path: str, size: int) -> tuple[Image.Image, bool]:
+    """size x size RGB of any fundus image, and whether it was cropped from a raw photo: an eye crop
+    (data/prepare.py's output, the lab's images) exactly as load_square brings the training crops; a raw
+    camera photo (any size, the eye on black) cropped to the eye first, as data/prepare.py crops it."""
+    try:
+        img, field = fundus.photo_for_crop(Path(path), size)
+    except fundus.NoField as err:
+        raise NoEye(str(err)) from None
+    if fundus.is_eye_crop(img, field):
+        return load_square(path, size), False
+    return fundus.crop_eye(img, size, field), True
 
 
 def to_uint8_chw(img: Image.Image) -> torch.Tensor:
@@ -353,24 +307,37 @@ def collate_fundus(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor,
 
 
 class FundusDataset(Dataset):
-    """uint8 CHW images and integer grades. Holds names and grades only, never decoded pixels."""
+    """uint8 CHW images and integer grades. Holds names and grades only, never decoded pixels.
 
-    def __init__(self, table: FundusTable, image_size: int, skip_bad_images: bool = False):
+    A table of raw camera photos (a public dataset as published) is cropped to the eye on loading, each
+    epoch anew: data/prepare.py does it once, which is faster for many epochs. With ben_graham, a photo
+    cropped here is also normalised as data/prepare.py --ben-graham would have (for a model trained on such
+    crops); the lab's crops keep the plain load_square path."""
+
+    def __init__(self, table: FundusTable, image_size: int, skip_bad_images: bool = False, ben_graham: bool = False):
         self.table = table
         self.image_size = image_size
         self.skip_bad_images = skip_bad_images
+        self.ben_graham = ben_graham
 
     def __len__(self) -> int:
         return len(self.table)
 
+    def load(self, path: str) -> Image.Image:
+        if not self.table.raw_photos:
+            return load_square(path, self.image_size)
+        img, cropped = load_eye(path, self.image_size)
+        return fundus.ben_graham(img, self.image_size / 2) if cropped and self.ben_graham else img
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path = str(self.table.paths[index])
         try:
-            img = load_square(path, self.image_size)
+            img = self.load(path)
         except (OSError, UnidentifiedImageError, ValueError) as err:
             where = f"{path} (row {index + 1} of {self.table.source})"
+            problem = "found no eye in" if isinstance(err, NoEye) else "cannot decode"
             if not self.skip_bad_images:
-                raise UserError(f"cannot decode {where}: {err}; fix or remove it, or pass --skip-bad-images") from None
+                raise UserError(f"{problem} {where}: {err}; fix or remove it, or pass --skip-bad-images") from None
             warnings.warn(f"skipped unreadable image {where}: {err}", stacklevel=1)
             # grade -1 marks the slot; the training loop drops it and counts it
             return torch.zeros(self.image_size, self.image_size, 3, dtype=torch.uint8).permute(2, 0, 1), -1
@@ -494,3 +461,115 @@ def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
         r = torch.rot90(x, k, dims=(2, 3))
         views += [r, torch.flip(r, dims=(3,))]
     return views
+
+
+# --------------------------------------------------------------------------- the data card
+def grade_table(fundus: FundusData) -> str:
+    """Per split: images, patients and images per grade, and the table it came from, as plain text."""
+    rows = {}
+    for name, table in [*fundus.splits().items(), ("all", fundus.all_images())]:
+        counts = class_counts(table.grades)
+        rows[name] = {"images": len(table), "patients": len({layouts.patient_of(p) for p in table.paths}),
+                      **{f"grade {g}": int(c) for g, c in enumerate(counts)},
+                      "from": table.source.replace(f"{fundus.root}{os.sep}", "") if name != "all" else "every split"}
+    return pd.DataFrame(rows).T.to_string()
+
+
+def image_sizes(fundus: FundusData, sample: int) -> str:
+    """The pixel sizes of up to `sample` photos per split, spread over it (headers only, no decoding)."""
+    seen: dict[str, int] = {}
+    for table in fundus.splits().values():
+        for i in np.unique(np.linspace(0, len(table) - 1, min(sample, len(table))).astype(int)):
+            try:
+                with Image.open(table.paths[i]) as img:
+                    size = f"{img.width}x{img.height}"
+            except (OSError, UnidentifiedImageError, ValueError):
+                size = "unreadable"
+            seen[size] = seen.get(size, 0) + 1
+    ranked = sorted(seen.items(), key=lambda item: -item[1])
+    more = f" and {len(ranked) - 8} more" if len(ranked) > 8 else ""
+    return (f"image sizes (a sample of up to {sample} a split, {sum(seen.values())} photos): "
+            + ", ".join(f"{size} ({n})" for size, n in ranked[:8]) + more)
+
+
+def duplicates(fundus: FundusData, by_content: bool) -> list[str]:
+    """Photos listed twice in a split, photos and patients in more than one split (a leak between train
+    and test); with by_content, files with the same bytes under different names (reads every file)."""
+    paths = {split: table.paths.tolist() for split, table in fundus.splits().items()}
+    twice = {split: len(listed) - len(set(listed)) for split, listed in paths.items()}
+    photo_splits: dict[str, set] = {}
+    patient_splits: dict[str, set] = {}
+    for split, listed in paths.items():
+        for path in listed:
+            photo_splits.setdefault(path, set()).add(split)
+            patient_splits.setdefault(layouts.patient_of(path), set()).add(split)
+    lines = [f"duplicates: {sum(twice.values())} photos listed twice in a split"
+             + "".join(f" ({n} in {split})" for split, n in twice.items() if n)
+             + f", {sum(len(s) > 1 for s in photo_splits.values())} photos and "
+               f"{sum(len(s) > 1 for s in patient_splits.values())} patients in more than one split"]
+    if by_content:
+        groups: dict[str, list[str]] = {}
+        for path in sorted({p for listed in paths.values() for p in listed}):
+            groups.setdefault(hashlib.sha1(Path(path).read_bytes()).hexdigest(), []).append(path)
+        same = [group for group in groups.values() if len(group) > 1]
+        lines.append(f"identical files under different names: {len(same)} groups"
+                     + (f" (first: {' = '.join(same[0])})" if same else ""))
+    return lines
+
+
+def data_card(fundus: FundusData, sample: int = 20, by_content: bool = False) -> str:
+    """What a dataset holds, as plain text: its layout, per split the images per grade and patients, the
+    photos left out and why, image sizes seen (a sample) and duplicates. No model is needed."""
+    layout = layouts.BY_NAME.get(fundus.layout)
+    title = layout.title if layout else "the synthetic demo set (lab layout)"
+    lines = [f"{fundus.dataset}: {title}, layout {fundus.layout}, at {fundus.root}",
+             f"photos in {fundus.image_dir}" + ("; raw camera photos, cropped to the eye when loaded"
+                                                if fundus.train.raw_photos else "; used as they are (eye crops)"),
+             "", grade_table(fundus), ""]
+    left_out = fundus.excluded
+    if len(left_out):
+        for reason, rows in left_out.groupby("reason"):
+            per_split = ", ".join(f"{n} in {split}" for split, n in rows["split"].value_counts().sort_index().items())
+            lines.append(f"left out: {len(rows)} {reason} ({per_split}); --excluded-csv lists them")
+    else:
+        lines.append("left out: none")
+    return "\n".join(lines + [image_sizes(fundus, sample)] + duplicates(fundus, by_content))
+
+
+def build_card_parser() -> Parser:
+    p = Parser(description="The data card of a dataset: its layout, counts per split and grade, patients, the "
+                           "photos left out, image sizes and duplicates (no model needed).")
+    p.add_argument("--data-root", default=None, help="dataset folder (default: data/, else the demo set)")
+    p.add_argument("--image-dir", default=None, help="image folder (default: found, as train.py finds it)")
+    p.add_argument("--layout", default="auto", choices=["auto", *layouts.NAMES],
+                   help="the dataset's layout (default auto: recognised from its files)")
+    p.add_argument("--describe", action="store_true", help="print the data card (what this command does anyway)")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="as train.py: the drawn test split's share")
+    p.add_argument("--val-fraction", type=float, default=0.0, help="as train.py: the drawn validation share")
+    p.add_argument("--split-seed", type=int, default=0, help="as train.py: the seed of drawn splits")
+    p.add_argument("--sample", type=int, default=20, help="photos per split whose size is read (default 20)")
+    p.add_argument("--hash", action="store_true", help="also find identical files by content (reads every file)")
+    p.add_argument("--excluded-csv", default=None, metavar="PATH",
+                   help="write the photos left out as CSV: split,name,reason,path (e.g. DDR's ungradable ones, "
+                        "labelled negatives for a gradability check)")
+    return p
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    """python dataloader.py --data-root DIR: the data card."""
+    args = build_card_parser().parse_args(argv)
+    if args.sample < 1:
+        raise UserError("--sample must be at least 1")
+    if args.excluded_csv:
+        check_output("--excluded-csv", args.excluded_csv, folder=False)
+    fundus = load_fundus_data(args.data_root, args.image_dir, args.test_fraction, args.val_fraction,
+                              args.split_seed, layout=args.layout)
+    print(data_card(fundus, args.sample, args.hash))
+    if args.excluded_csv:
+        fundus.excluded.to_csv(args.excluded_csv, index=False)
+        print(f"wrote {args.excluded_csv} ({len(fundus.excluded)} photos left out)")
+
+
+if __name__ == "__main__":
+    main()

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 import dataloader
 import fundus
+import layouts
 import metrics
 import models
 from runtime import (GRADE_NAMES, NUM_GRADES, Parser, UserError, autocast, check_output, choose_device,
@@ -37,8 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="a .pt file written by train.py")
     p.add_argument("--data-root", default=None, help="dataset folder (default: the one the run trained on)")
-    p.add_argument("--image-dir", default=None, help="image folder (default: the run's, or <data-root>/images)")
-    p.add_argument("--split", default="test", choices=["test", "val", "train"])
+    p.add_argument("--image-dir", default=None, help="image folder (default: the run's, or found under --data-root)")
+    p.add_argument("--split", default="test", choices=["test", "val", "train", "all"],
+                   help="all: every labelled, gradable image of the dataset, all its splits (external validation, "
+                        "with --data-root another dataset); written as <run>_on_<dataset>_eval.json")
+    p.add_argument("--layout", default="auto", choices=["auto", *layouts.NAMES],
+                   help="with --data-root: its layout (auto: recognised from its files)")
     p.add_argument("--tta", action="store_true", help="average the softmax over the 8 flips and quarter turns")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=None, help="loader processes (default: CPUs, at most 16)")
@@ -150,12 +155,24 @@ def inference_setup(checkpoint: dict, source, device: torch.device):
 
 def run_data(checkpoint: dict, args) -> dataloader.FundusData:
     """The data to evaluate on: the run's own data and splits (found from any working folder, checked to be
-    unchanged), or with --data-root the data there, split by the run's flags."""
+    unchanged), or with --data-root the data there (in --layout, default the one its files show), split by
+    the run's flags where the dataset has no splits of its own."""
     config = checkpoint["config"]
     if args.data_root is None:
         return dataloader.load_run_data(config, checkpoint.get("data", {}), image_dir=args.image_dir)
     return dataloader.load_fundus_data(args.data_root, args.image_dir, config.get("test_fraction", 0.2),
-                                       config.get("val_fraction", 0.0), config.get("split_seed", 0))
+                                       config.get("val_fraction", 0.0), config.get("split_seed", 0),
+                                       layout=args.layout)
+
+
+def reported_table(fundus: dataloader.FundusData, split: str) -> dataloader.FundusTable:
+    """The images reported on: a split, or with --split all every labelled gradable image of the dataset."""
+    if split == "all":
+        return fundus.all_images()
+    table = getattr(fundus, split)
+    if table is None:
+        raise UserError("--split val: the run held out no validation part (it trained with --val-fraction 0)")
+    return table
 
 
 def reference_split(fundus: dataloader.FundusData, reported: str) -> str | None:
@@ -172,7 +189,10 @@ def predict_table(checkpoint: dict, table: dataloader.FundusTable, device: torch
     """Softmax probabilities [N, 5] of the table's images, in its order (NaN rows for images skipped as
     unreadable with the run's --skip-bad-images)."""
     model, transform, ctx = inference_setup(checkpoint, table.source, device)
-    dataset = dataloader.FundusDataset(table, checkpoint["image_size"], checkpoint["config"].get("skip_bad_images", False))
+    prepared = checkpoint.get("data", {}).get("prepare") or {}
+    # raw photos (a public dataset as published) are cropped to the eye, and normalised as the run's crops were
+    skip_bad_images = checkpoint["config"].get("skip_bad_images", False)
+    dataset = dataloader.FundusDataset(table, checkpoint["image_size"], skip_bad_images, prepared.get("ben_graham", False))
     loader = dataloader.build_loader(dataset, batch_size, dataloader.ShardSampler(len(dataset)), workers, device)
     log_probs, grades = predict(model, loader, transform, ctx, tta=tta, desc="evaluate", show=show)
     probs = log_probs.exp().numpy().astype(np.float64)
@@ -404,41 +424,67 @@ def grade_photos(args, checkpoint: dict, device: torch.device, workers: int) -> 
         print(f"wrote {counts.get(GRADED)} Grad-CAM figures to {cam_dir}/")
 
 
-def predictions_path(log_dir: Path, stem: str, split: str) -> Path:
-    """<log dir>/<run>[_tta][_<split> unless test]_predictions.csv: one file per checkpoint, TTA and split."""
-    return log_dir / f"{stem}{'' if split == 'test' else '_' + split}_predictions.csv"
+def predictions_path(log_dir: Path, name: str, split: str) -> Path:
+    """<log dir>/<name>[_<split> unless test or all]_predictions.csv: one file per checkpoint, data, TTA and
+    split (name: <run>[_on_<dataset>][_tta])."""
+    return log_dir / f"{name}{'' if split in ('test', 'all') else '_' + split}_predictions.csv"
+
+
+def reference_data(checkpoint: dict, args, fundus: dataloader.FundusData, on: str | None):
+    """(data, split) that operating points and kappa thresholds are chosen on, or None. On the run's own data
+    the reference_split; on another dataset the run's own validation (or training) split, as a grader's
+    operating points are set on its development data and then carried to the external set; --split all on
+    the run's own data has no split left that is not reported."""
+    if on is None:
+        split = reference_split(fundus, args.split)
+        return (fundus, split) if split else None
+    if args.data_root is None:
+        return None
+    try:
+        own = dataloader.load_run_data(checkpoint["config"], checkpoint.get("data", {}), log=lambda *a, **k: None)
+    except UserError as err:
+        print(f"evaluate.py: no operating points or kappa thresholds: the run's own data is not here ({err})")
+        return None
+    split = reference_split(own, "test")
+    return (own, split) if split else None
 
 
 def evaluate_split_command(args, checkpoint: dict, device: torch.device, workers: int) -> None:
     run_name = checkpoint["config"].get("run_name") or Path(args.checkpoint).parent.name
     fundus = run_data(checkpoint, args)
-    table = getattr(fundus, args.split)
-    if table is None:
-        raise UserError("--split val: the run held out no validation part (it trained with --val-fraction 0)")
-    reference = reference_split(fundus, args.split)
-    stem, log_dir = f"{run_name}_tta" if args.tta else run_name, Path(checkpoint["config"].get("log_dir", "logs"))
-    main_csv = Path(args.predictions) if args.predictions else predictions_path(log_dir, stem, args.split)
+    table = reported_table(fundus, args.split)
+    on = evaluated_on(checkpoint, args, table)
+    base = f"{run_name}_tta" if args.tta else run_name  # the run's own predictions, whatever data is reported
+    name = f"{run_name}_on_{on}{'_tta' if args.tta else ''}" if on else base
+    log_dir = Path(checkpoint["config"].get("log_dir", "logs"))
+    main_csv = Path(args.predictions) if args.predictions else predictions_path(log_dir, name, args.split)
     predict_split = functools.partial(predict_table, checkpoint, device=device, batch_size=args.batch_size,
                                       workers=workers, tta=args.tta, show=not args.quiet)
-    predictions = write_predictions(main_csv, table, predict_split(table=table))
-    reference_csv = predictions_path(main_csv.parent, stem, reference) if reference else None
-    chosen = (write_predictions(reference_csv, getattr(fundus, reference), predict_split(
-        table=getattr(fundus, reference))), reference) if reference else None
+    probs = predict_split(table=table)
+    predictions = write_predictions(main_csv, table, probs)
+    reference = reference_data(checkpoint, args, fundus, on)
+    reference_csv = predictions_path(main_csv.parent, base, reference[1]) if reference else None
+    chosen = None if reference is None else (write_predictions(reference_csv, getattr(*reference), predict_split(
+        table=getattr(*reference))), reference[1])
     scores = split_scores(predictions, chosen)
     result = {"run_name": run_name, "arch": checkpoint["arch"], "pretrained": is_pretrained(checkpoint["config"]),
               "checkpoint": str(args.checkpoint), "epoch": checkpoint["epoch"], "split": args.split,
               "num_images": len(predictions), "tta": args.tta, "predictions": str(main_csv),
-              "reference_predictions": str(reference_csv) if reference_csv else None, **scores}
-    name = f"{stem}{'' if args.split == 'test' else '_' + args.split}"  # of the JSON and the figure
-    out = Path(args.out) if args.out else log_dir / f"{name}_eval.json"
+              "reference_predictions": str(reference_csv) if reference_csv else None, **scores,
+              **dataset_fields(table, on, probs)}
+    report_name = f"{name}{'' if args.split in ('test', 'all') else '_' + args.split}"  # the JSON's and figure's
+    out = Path(args.out) if args.out else log_dir / f"{report_name}_eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, json.dumps(result, indent=2))
     import plot  # matplotlib only when a figure is drawn
 
-    figure = Path(args.figure_dir) / f"confusion_{name}.png"
+    figure = Path(args.figure_dir) / f"confusion_{report_name}.png"
     figure.parent.mkdir(parents=True, exist_ok=True)
     plot.plot_confusion(scores["confusion_matrix"], figure)
-    print(f"{args.checkpoint} (epoch {checkpoint['epoch']}) on the {args.split} split: {result['num_images']} images"
+    where = (f"every gradable image of {on}" if args.split == "all"
+             else f"the {args.split} split" + (f" of {on}" if on else ""))
+    left_out = "".join(f", left out: {n} {reason}" for reason, n in table.excluded.items())
+    print(f"{args.checkpoint} (epoch {checkpoint['epoch']}) on {where}: {result['num_images']} images{left_out}"
           + (", TTA x8" if args.tta else ""))
     print(format_report(scores))
     print(clinical_report(result))
@@ -475,6 +521,32 @@ def clinical_report(result: dict) -> str:
     lines.append(f"calibration: expected calibration error {result['ece']:.4f} ({metrics.ECE_BINS} bins)")
     return "\n".join(lines)
 
+def evaluated_on(checkpoint: dict, args, table: dataloader.FundusTable) -> str | None:
+    """The dataset an evaluation is named after (<run>_on_<dataset>_eval.json, plot.py's row "<run> on
+    <dataset>") when it is not one of the run's own splits: --split all, or --data-root a folder other than
+    the run's. The name is the layout's for a public dataset (messidor2), else the data root's folder name."""
+    recorded = checkpoint.get("data", {}).get("root")
+    elsewhere = args.data_root is not None and (recorded is None
+                                                or Path(args.data_root).resolve() != Path(recorded).resolve())
+    return (table.dataset or "data") if args.split == "all" or elsewhere else None
+
+
+def dataset_fields(table: dataloader.FundusTable, on: str | None, probs: np.ndarray) -> dict:
+    """What the metrics JSON records of the data: the dataset, the one it is named after (None: the run's
+    own split), the photos its tables list but no split uses, and on EyePACS' official test split the
+    accuracy and kappa per leaderboard (Usage Public/Private), comparable with the competition's."""
+    fields = {"dataset": table.dataset, "evaluated_on": on, "excluded": table.excluded}
+    usage = table.extra.get("usage")
+    if usage is not None:
+        scored = ~np.isnan(probs).any(axis=1)
+        fields["by_usage"] = {}
+        for board in sorted(set(usage[scored].tolist())):
+            rows = scored & (usage == board)
+            board_metrics = metrics.grading_metrics(table.grades[rows], probs[rows].argmax(1))
+            fields["by_usage"][board] = {"num_images": int(rows.sum()), "accuracy": board_metrics["accuracy"],
+                                         "kappa": board_metrics["kappa"]}
+    return fields
+
 
 def check_args(args) -> None:
     """Flags out of range, and outputs that cannot be written, before any work."""
@@ -485,7 +557,9 @@ def check_args(args) -> None:
                                            "contact sheet)"),
              (not args.force or args.images, "--force needs --images: it grades photos the quality check rejects"),
              (not (args.predictions and args.images), "--predictions is for a split; with --images, --out is the "
-                                                       "table of grades")]
+                                                       "table of grades"),
+             (args.layout == "auto" or args.data_root,
+              "--layout needs --data-root (a run's own data keeps its layout)")]
     for ok, message in rules:
         if not ok:
             raise UserError(message)

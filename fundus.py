@@ -80,22 +80,33 @@ def decode(path: Path, at_least: tuple[int, int] | None = None) -> Image.Image:
 DRAFT_SPAN = 1.25
 
 
-def load_photo(path: Path, size: int) -> tuple[Image.Image, "Quality"]:
-    """A photo decoded for an eye crop of `size` at the least decoding cost, and its assessment (its field in
-    pixels of the returned photo). A JPEG decodes at a reduced scale (see DRAFT_SPAN), and again at a larger
-    one only where its eye came out under `size` across: the crop is only ever a downsample."""
+def photo_for_crop(path: Path, size: int) -> tuple[Image.Image, Field]:
+    """A photo decoded for an eye crop of `size` at the least decoding cost, and its field in pixels of the
+    photo returned; NoField (with the photo as .photo) when it shows none. A JPEG decodes at a reduced scale (see DRAFT_SPAN), and again at
+    a larger one only where its eye came out under `size` across: the crop is only ever a downsample."""
     with Image.open(path) as img:
         full, is_jpeg = img.size, img.format == "JPEG"
     scale = min(1.0, DRAFT_SPAN * size / min(full))
     photo = decode(path, tuple(math.ceil(side * scale) for side in full) if is_jpeg else None)
-    quality = assess(photo)
-    field = quality.field
-    if not is_jpeg or field is None or 2 * field.r >= size or photo.size == full:
-        return photo, quality
+    try:
+        field = find_field(photo)
+    except NoField as err:
+        err.photo = photo
+        raise
+    if not is_jpeg or 2 * field.r >= size or photo.size == full:
+        return photo, field
     bigger = decode(path, tuple(math.ceil(side * size / (2 * field.r)) for side in photo.size))
     k = bigger.width / photo.width
-    field = Field(field.cx * k, field.cy * k, field.r * k, field.top * k, field.bottom * k, bigger.size)
-    return bigger, Quality(quality.gradable, quality.reason, field, quality.measures)
+    return bigger, Field(field.cx * k, field.cy * k, field.r * k, field.top * k, field.bottom * k, bigger.size)
+
+
+def load_photo(path: Path, size: int) -> tuple[Image.Image, "Quality"]:
+    """photo_for_crop, and the photo's assessment (its field in pixels of the photo returned)."""
+    try:
+        photo, field = photo_for_crop(path, size)
+    except NoField as err:
+        return err.photo, assess(err.photo)  # which says why there is no field
+    return photo, assess(photo, field)
 
 
 # --------------------------------------------------------------------------- finding the eye

@@ -35,6 +35,9 @@ LINE_STYLE = {
 }
 VAL_FOOTNOTE = ("Runs marked * held out a validation split: their best epoch is the one with the best "
                 "validation accuracy, and the test accuracy shown is the one at that epoch.")
+ON_FOOTNOTE = ("Rows 'RUN on DATASET' evaluate the run's checkpoint (its epoch under epochs) on another dataset, "
+               "or with evaluate.py --split all on every gradable image of one: accuracy, kappa and macro F1 "
+               "there, not on the run's test split.")
 
 
 def display_name(arch: str) -> str:
@@ -150,7 +153,7 @@ def pick_latest(runs: list[dict]) -> tuple[list[dict], list[dict]]:
 
 def majority_share(arch: str, evals: list[dict]) -> float | None:
     """The accuracy of always answering the commonest grade, from an evaluation of this arch."""
-    mine = [e for e in evals if str(e["data"].get("arch", "")).lower() == arch]
+    mine = [e for e in evals if str(e["data"].get("arch", "")).lower() == arch and not e["data"].get("evaluated_on")]
     # the curves show test accuracy, so the test split's class mix is the fair reference
     mine.sort(key=lambda e: e["data"].get("split", "test") != "test")
     if not mine or mine[0]["matrix"].sum() <= 0:
@@ -285,7 +288,8 @@ def plot_confusion(matrix, path, title="Normalized confusion matrix", normalize=
 
 def _caption(evaluation: dict) -> str:
     data = evaluation["data"]
-    facts = [evaluation["name"], f"{data['split']} split" if "split" in data else None,
+    facts = [evaluation["name"], f"on {data['evaluated_on']}" if data.get("evaluated_on") else None,
+             f"{data['split']} split" if "split" in data else None,
              f"{data['num_images']} images" if "num_images" in data else None,
              "TTA" if data.get("tta") else None]
     return ", ".join(f for f in facts if f)
@@ -435,8 +439,8 @@ def best_epoch_row(run: dict) -> tuple[pd.Series, bool]:
 
 
 def eval_for(run: dict, evals: list[dict]) -> dict | None:
-    mine = [e for e in evals if e["data"].get("run_name") == run["name"]
-            or e["name"] == run["path"].stem]
+    mine = [e for e in evals if (e["data"].get("run_name") == run["name"] or e["name"] == run["path"].stem)
+            and not e["data"].get("evaluated_on")]  # evaluations on other data get rows of their own
     # plain test-split evaluations compare across runs; TTA or another split only when nothing else exists
     mine.sort(key=lambda e: (bool(e["data"].get("tta")), e["data"].get("split", "test") != "test"))
     return mine[0] if mine else None
@@ -469,7 +473,26 @@ def summary_table(runs: list[dict], evals: list[dict]) -> str:
             str(len(run["history"])), _number(100 * row["test_acc"], ".2f") + ("*" if by_val else ""),
             str(int(row["epoch"])), _number(evaluation.get("kappa", row["test_kappa"]), ".3f"),
             _number(evaluation.get("macro_f1"), ".3f"), *_screening_cells(evaluation), _number(speed, ".1f")]) + " |")
-    return "\n".join(lines + (["", VAL_FOOTNOTE] if any_by_val else [])) + "\n"
+    elsewhere = dataset_rows(evals)
+    return "\n".join(lines + elsewhere + (["", VAL_FOOTNOTE] if any_by_val else [])
+                     + (["", ON_FOOTNOTE] if elsewhere else [])) + "\n"
+
+
+def dataset_rows(evals: list[dict]) -> list[str]:
+    """A summary row per evaluation named after another dataset (evaluate.py --split all, or --data-root
+    another folder): `<run> on <dataset>`, under the runs' own rows."""
+    rows = []
+    for evaluation in sorted((e for e in evals if e["data"].get("evaluated_on")), key=lambda e: e["name"]):
+        data = evaluation["data"]
+        accuracy = data.get("accuracy")
+        rows.append(" | ".join([
+            f"| {data.get('run_name', evaluation['name'])} on {data['evaluated_on']}"
+            + (" (TTA)" if data.get("tta") else ""),
+            display_name(str(data.get("arch", "-")).lower()), "yes" if data.get("pretrained") else "no",
+            str(data.get("epoch", "-")), _number(None if accuracy is None else 100 * accuracy, ".2f"), "-",
+            _number(data.get("kappa"), ".3f"), _number(data.get("macro_f1"), ".3f"), *_screening_cells(data),
+            "-"]) + " |")
+    return rows
 
 
 def write_summary(runs: list[dict], evals: list[dict], out_dir) -> Path:

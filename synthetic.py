@@ -1,7 +1,7 @@
 """The demo set: synthetic fundus photographs whose lesions grow with the retinopathy grade.
 
 Every command of the repo must run on a fresh machine with no download, so this file draws a small
-data set in the lab layout (dataloader.LAB_FILES): an orange-red retina with an optic disc, vessels and
+data set in the lab layout (layouts.LAB_FILES): an orange-red retina with an optic disc, vessels and
 a macula, then the lesions of the International Clinical DR scale added grade by grade: microaneurysms
 (1), blot haemorrhages and hard exudates (2), many of both plus cotton-wool spots (3), new vessels and
 pre-retinal haemorrhage (4). Lesion counts overlap between neighbouring grades, as in real photographs,
@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from dataloader import LAB_FILES, read_column
+from layouts import LAB_FILES, read_column
 from runtime import UserError, map_in_processes
 
 GRADE_MIX = (0.73, 0.07, 0.15, 0.025, 0.025)

@@ -30,6 +30,7 @@ from torch import nn
 
 import dataloader
 import evaluate
+import layouts
 import models
 import optimisation
 from optimisation import Stopped
@@ -55,13 +56,20 @@ def build_parser() -> Parser:
     g = p.add_argument_group("data")
     g.add_argument("--data-root", default=None,
                    help="dataset folder (default: data/, or the synthetic demo set when data/ holds none)")
-    g.add_argument("--image-dir", default=None, help="image folder (default: <data-root>/images if present)")
+    g.add_argument("--image-dir", default=None,
+                   help="image folder (default: found: the layout's own folders, images/, beside the table, "
+                        "a sub-folder)")
+    g.add_argument("--layout", default="auto", choices=["auto", *layouts.NAMES],
+                   help="the dataset's layout (auto: recognised from the files in --data-root; see the README, "
+                        "Public datasets)")
     g.add_argument("--image-size", type=int, default=None,
                    help="training resolution (default: 512, the demo set's own size on the demo)")
     g.add_argument("--test-fraction", type=float, default=0.2,
-                   help="held-out share of a labels table, grouped by patient (the lab layout has its own)")
+                   help="held-out share, grouped by patient, of a dataset that publishes no test split (APTOS, "
+                        "Messidor-2, a labels table)")
     g.add_argument("--val-fraction", type=float, default=0.0,
-                   help="patient-grouped share of the training split to choose best.pt on (0: choose on test)")
+                   help="patient-grouped share of the training split to choose best.pt on (0: the layout's own "
+                        "validation split, DDR's valid, else choose on test)")
     g.add_argument("--split-seed", type=int, default=0, help="seed of the patient-grouped splits")
     g.add_argument("--sampler", default="shuffle", choices=["shuffle", "balanced"],
                    help="balanced draws every grade equally often")
@@ -552,14 +560,16 @@ def run(args, resumed: dict | None, env: Dist, device: torch.device, stop: StopR
     """The whole run: data, model and optimiser, a resume if asked for, then the epochs."""
     if resumed is None:
         fundus = dataloader.load_fundus_data(args.data_root, args.image_dir, args.test_fraction,
-                                             args.val_fraction, args.split_seed, log=log)
+                                             args.val_fraction, args.split_seed, log=log, layout=args.layout)
     else:  # the run's own data, from any working folder
         fundus = dataloader.load_run_data(resumed["config"], resumed.get("data", {}), args.data_root,
                                           args.image_dir, log=log)
     args = with_image_size(args, fundus)
     sizes = " ".join(f"{split} {len(table)}" for split, table in fundus.splits().items())
     counts = dataloader.class_counts(fundus.train.grades).tolist()
-    log(f"data: {fundus.layout} layout at {fundus.root} | {sizes} | train grades {counts} | {args.image_size}px")
+    left_out = "".join(f" | left out: {n} {reason}" for reason, n in fundus.excluded_counts().items())
+    log(f"data: {fundus.layout} layout at {fundus.root} | {sizes} | train grades {counts}{left_out} | "
+        f"{args.image_size}px" + (", raw photos cropped to the eye" if fundus.train.raw_photos else ""))
     training = build_training(args, fundus, env, device, log)
     env_info, run_dir = environment(device, env), Path(args.checkpoint_dir) / args.run_name
     done = resume(args, resumed, training, log) if resumed else Progress()
