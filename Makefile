@@ -15,11 +15,12 @@ DEMO_FLAGS ?= --optimizer adamw --lr 1e-3 --val-fraction 0.1 --resume auto
 
 .PHONY: test demo clean
 
-# -e .: the repo's modules become importable from anywhere (data/prepare.py imports fundus.py)
+# -e . in compat mode: the repo folder goes on the venv's path, so that data/prepare.py imports fundus.py
+# and every module added later, without a reinstall
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --progress-bar off -r requirements.txt
-	$(PY) -m pip install --quiet --progress-bar off --no-deps -e .
+	$(PY) -m pip install --quiet --progress-bar off --no-deps -e . --config-settings editable_mode=compat
 	touch $@
 
 test: $(VENV)/.installed

@@ -23,11 +23,15 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-import fundus
-from fundus import FAILED, KEPT, UNGRADABLE, WRITTEN
-from dataloader import LAB_FILES, default_workers, patient_split, read_labels_table
-from runtime import (Parser, UserError, atomic_write, exit_on_user_error, input_file, input_folder, map_in_processes,
-                     remove_leftovers, write_text_atomic)
+try:
+    import fundus
+except ModuleNotFoundError:  # run with a Python that has the requirements but not the repo installed
+    sys.exit("data/prepare.py: error: the repo's modules are not importable with this Python; run `make` (or "
+             "`pip install -e .`) in the repo folder, or run `python -m data.prepare` from it")
+from dataloader import LAB_FILES, default_workers, patient_split, read_labels_table  # noqa: E402
+from fundus import FAILED, KEPT, UNGRADABLE, WRITTEN  # noqa: E402
+from runtime import (Parser, UserError, atomic_write, exit_on_user_error, input_file, input_folder,  # noqa: E402
+                     map_in_processes, remove_leftovers, write_text_atomic)
 
 FAILURES_FILE = "prepare_failures.txt"
 UNGRADABLE_FILE = "ungradable.csv"
