@@ -347,13 +347,18 @@ def index_images(image_dir: Path) -> dict[str, str]:
     return found
 
 
+def image_stem(name: str) -> str:
+    """A listed name without its image extension (`20051020_43808_0100_PP.png`), other names as they are."""
+    stem, ext = os.path.splitext(name)
+    return stem if ext.lower() in IMAGE_EXTENSIONS else name
+
+
 def lookup(images: dict[str, str], name: str) -> str | None:
     """A listed name's file: by its full name, else (a name with an image extension, as Messidor-2 and
     DDR list them) by its stem, so that photos converted to another format are found too."""
     found = images.get(name)
-    if found is None:
-        stem, ext = os.path.splitext(name)
-        found = images.get(stem) if ext.lower() in IMAGE_EXTENSIONS else None
+    if found is None and image_stem(name) != name:
+        found = images.get(image_stem(name))
     return found
 
 

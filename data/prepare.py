@@ -30,6 +30,7 @@ except ModuleNotFoundError:  # run with a Python that has the requirements but n
              "`pip install -e .`) in the repo folder, or run `python -m data.prepare` from it")
 from dataloader import LAB_FILES, default_workers, patient_split, read_labels_table  # noqa: E402
 from fundus import FAILED, KEPT, UNGRADABLE, WRITTEN  # noqa: E402
+from layouts import image_stem  # noqa: E402
 from runtime import (Parser, UserError, atomic_write, exit_on_user_error, input_file, input_folder,  # noqa: E402
                      map_in_processes, remove_leftovers, write_text_atomic)
 
@@ -137,14 +138,9 @@ def report(outcomes: dict[str, dict[Path, str]], skipped: int, dst_dir: Path) ->
 
 
 # --------------------------------------------------------------------------- labels -> lab layout
-def strip_extension(name: str) -> str:
-    stem, ext = os.path.splitext(name)
-    return stem if ext.lower() in fundus.IMAGE_EXTENSIONS else name
-
-
 def write_lab_layout(table, photos: list[Path], out_dir: Path, dst_dir: Path, fraction: float, seed: int) -> None:
     """The four header-less lab CSVs for the rows whose crop exists, split by patient."""
-    names = [strip_extension(n) for n in table["name"]]
+    names = [image_stem(n) for n in table["name"]]
     done = {entry.name[:-len(".jpeg")] for entry in os.scandir(out_dir) if entry.name.endswith(".jpeg")}
     keep = [i for i, n in enumerate(names) if n in done]
     if len(keep) < len(names):
@@ -205,7 +201,7 @@ def read_labels(path: Path | None, photos: list[Path]):
     if path is None:
         return None
     table = read_labels_table(input_file("--labels", path))
-    names = [strip_extension(n) for n in table["name"]]
+    names = [image_stem(n) for n in table["name"]]
     stems = {p.stem for p in photos}
     if not stems.intersection(names):
         raise UserError(f"none of the {len(names)} names in --labels {path} (first: {', '.join(names[:3])}) "
