@@ -38,6 +38,11 @@ def test_quick_bench_measures_everything(repo_root, tmp_path):
     assert figures["eval"]["plain"] > figures["eval"]["tta"] > 0  # TTA does 8 forward passes per image
     memory = figures["memory"]
     assert all(v["peak_pss_mb"] > 50 for k, v in memory.items() if k != "ratio")
+    camera = figures["camera"]
+    assert all(math.isfinite(v) and v > 0 for k, v in camera.items() if k != "decoded")
+    # the two modes decode what they say: the 12 MP frame whole, and at a reduced DCT scale (1/4 for 512 px)
+    assert camera["decoded"]["full"] == list(bench.CAMERA_SIZE)
+    assert camera["decoded"]["draft"] == [s // 4 for s in bench.CAMERA_SIZE]
     assert "### Input pipeline" in result.stdout and "### Peak host memory" in result.stdout
     # the printed tables can be rebuilt from the JSON, which is how BENCHMARKS.md is made
     again = subprocess.run([sys.executable, "bench.py", "--report", str(out)], cwd=repo_root, capture_output=True,
