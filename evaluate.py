@@ -184,15 +184,23 @@ def reference_split(fundus: dataloader.FundusData, reported: str) -> str | None:
     return None
 
 
+def trained_on_ben_graham(checkpoint: dict) -> bool:
+    """Whether the run's training crops were Ben Graham-normalised (data/prepare.py --ben-graham)."""
+    return bool((checkpoint.get("data", {}).get("prepare") or {}).get("ben_graham", False))
+
+
+def run_dataset(checkpoint: dict, table: dataloader.FundusTable, skip_bad_images: bool = False):
+    """The table's images as the run's model saw its own: at its size, raw photos (a public dataset as
+    published) cropped to the eye and normalised as the run's crops were."""
+    return dataloader.FundusDataset(table, checkpoint["image_size"], skip_bad_images, trained_on_ben_graham(checkpoint))
+
+
 def predict_table(checkpoint: dict, table: dataloader.FundusTable, device: torch.device, batch_size: int,
                   workers: int, tta: bool, show: bool = False) -> np.ndarray:
     """Softmax probabilities [N, 5] of the table's images, in its order (NaN rows for images skipped as
     unreadable with the run's --skip-bad-images)."""
     model, transform, ctx = inference_setup(checkpoint, table.source, device)
-    prepared = checkpoint.get("data", {}).get("prepare") or {}
-    # raw photos (a public dataset as published) are cropped to the eye, and normalised as the run's crops were
-    skip_bad_images = checkpoint["config"].get("skip_bad_images", False)
-    dataset = dataloader.FundusDataset(table, checkpoint["image_size"], skip_bad_images, prepared.get("ben_graham", False))
+    dataset = run_dataset(checkpoint, table, checkpoint["config"].get("skip_bad_images", False))
     loader = dataloader.build_loader(dataset, batch_size, dataloader.ShardSampler(len(dataset)), workers, device)
     log_probs, grades = predict(model, loader, transform, ctx, tta=tta, desc="evaluate", show=show)
     probs = log_probs.exp().numpy().astype(np.float64)
@@ -324,8 +332,7 @@ def predict_photos(checkpoint: dict, paths: list[Path], device: torch.device, ba
     import pandas as pd
 
     model, transform, ctx = inference_setup(checkpoint, paths[0], device)
-    prepared = checkpoint.get("data", {}).get("prepare") or {}
-    dataset = PhotoDataset(paths, checkpoint["image_size"], prepared.get("ben_graham", False), force)
+    dataset = PhotoDataset(paths, checkpoint["image_size"], trained_on_ben_graham(checkpoint), force)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          collate_fn=collate_photos, worker_init_fn=worker_signals)
     outputs = cam_outputs(paths, cam_dir) if cam_dir is not None else None
@@ -388,7 +395,7 @@ def cam_samples(checkpoint: dict, table: dataloader.FundusTable, per_grade: int,
     """Grad-CAMs of the first `per_grade` images of each true grade (CSV order), for the contact sheet."""
     picks = np.concatenate([np.flatnonzero(table.grades == g)[:per_grade] for g in GRADES])
     model, transform, ctx = inference_setup(checkpoint, table.source, device)
-    dataset = dataloader.FundusDataset(table.subset(picks, table.source), checkpoint["image_size"])
+    dataset = run_dataset(checkpoint, table.subset(picks, table.source))
     images, grades = dataloader.collate_fundus([dataset[i] for i in range(len(dataset))])
     x = transform(images.to(device))
     probs = softmax_over_views(model, x, ctx, tta=False).cpu()

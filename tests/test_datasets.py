@@ -391,6 +391,21 @@ def test_raw_photos_are_evaluated_as_crops_of_the_eye(ddr_run):
     np.testing.assert_allclose(probs, expected, atol=1e-4)
 
 
+def test_cam_samples_show_raw_photos_as_the_model_saw_them(ddr_run):
+    # a run trained on Ben Graham crops: its contact sheet's raw photos are cropped and normalised too
+    base, best = ddr_run
+    checkpoint = torch.load(best, weights_only=True)
+    checkpoint["data"]["prepare"] = {"ben_graham": True}
+    table = dataloader.load_fundus_data(base / "messidor2").all_images()
+    samples = evaluate.cam_samples(checkpoint, table, 1, torch.device("cpu"))
+    picks = np.concatenate([np.flatnonzero(table.grades == g)[:1] for g in range(5)])
+    size = checkpoint["image_size"]
+    for path, image in zip(table.paths[picks], samples["images"]):
+        crop, cropped = dataloader.load_eye(str(path), size)
+        assert cropped and not np.array_equal(image, np.asarray(crop))
+        np.testing.assert_array_equal(image, np.asarray(fundus.ben_graham(crop, size / 2)))
+
+
 def test_eyepacs_test_split_reports_each_leaderboard(ddr_run):
     base, best = ddr_run
     evaluate.main([str(best), "--data-root", str(base / "eyepacs"), "--split", "test", "--workers", "0", "--quiet",
