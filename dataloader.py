@@ -64,6 +64,18 @@ class FundusTable:
     def names(self) -> list[str]:
         return [Path(p).stem for p in self.paths]
 
+    def image_names(self) -> list[str]:
+        """Names that tell every image apart, for a predictions file: the names, or where two photos share
+        one (IDRiD's testing set numbers its photos from IDRiD_001 again, so --split all holds both), each
+        photo's path below the folder they all lie in, without (or, if still shared, with) its extension."""
+        names = self.names
+        if len(set(names)) == len(names):
+            return names
+        root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in self.paths])
+        relative = [Path(os.path.relpath(os.path.abspath(p), root)).as_posix() for p in self.paths]
+        stemless = [os.path.splitext(r)[0] for r in relative]
+        return stemless if len(set(stemless)) == len(stemless) else relative
+
     def digest(self) -> str:
         """sha256 of the names and grades in order: the same split wherever the files lie."""
         text = "".join(f"{name}\t{grade}\n" for name, grade in zip(self.names, self.grades.tolist()))

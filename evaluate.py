@@ -229,7 +229,7 @@ def write_predictions(path: Path, table: dataloader.FundusTable, probs: np.ndarr
 
     keep = ~np.isnan(probs[:, 0])
     rounded = pd.DataFrame(probs[keep], columns=PREDICTION_COLUMNS[3:]).round(6)
-    frame = pd.DataFrame({"image": np.array(table.names)[keep], "grade": table.grades[keep],
+    frame = pd.DataFrame({"image": np.array(table.image_names())[keep], "grade": table.grades[keep],
                           "pred": rounded.to_numpy().argmax(1), **rounded})
     text = frame.to_csv(index=False, float_format="%.6f")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -241,7 +241,8 @@ def split_scores(predictions, reference) -> dict:
     """Every number of the metrics JSON, from a predictions table (and the reference split's, for operating
     points and kappa thresholds): the lab's metrics, then screening, tuned kappa, calibration, intervals."""
     probs = predictions[PREDICTION_COLUMNS[3:]].to_numpy()
-    grades, patients = predictions["grade"].to_numpy(), [dataloader.patient_id(n) for n in predictions["image"]]
+    # EyePACS' names pair a patient's two eyes; any other image is its own patient
+    grades, patients = predictions["grade"].to_numpy(), [layouts.patient_of(n) for n in predictions["image"]]
     chosen = None if reference is None else (reference[0]["grade"].to_numpy(),
                                              reference[0][PREDICTION_COLUMNS[3:]].to_numpy(), reference[1])
     return {**metrics.grading_metrics(grades, predictions["pred"].to_numpy()),

@@ -406,6 +406,21 @@ def test_cam_samples_show_raw_photos_as_the_model_saw_them(ddr_run):
         np.testing.assert_array_equal(image, np.asarray(fundus.ben_graham(crop, size / 2)))
 
 
+def test_split_all_tells_apart_photos_that_share_a_name(ddr_run, tmp_path, demo_photos):
+    # IDRiD's testing set numbers its photos from IDRiD_001 again: one row each, each its own patient
+    base, best = ddr_run
+    expected = make_idrid(tmp_path / "idrid", demo_photos)
+    evaluate.main([str(best), "--data-root", str(tmp_path / "idrid"), "--split", "all", "--workers", "0", "--quiet",
+                   "--figure-dir", str(tmp_path / "figures")])
+    predictions = pd.read_csv(base / "logs" / "resnet18_scratch_on_idrid_predictions.csv")
+    result = json.loads((base / "logs" / "resnet18_scratch_on_idrid_eval.json").read_text())
+    folders = {"train": "a. Training Set", "test": "b. Testing Set"}
+    assert sorted(predictions["image"]) == sorted(f"{folders[split]}/{name}" for split, name in expected)
+    assert predictions.set_index("image")["grade"].to_dict() == {f"{folders[split]}/{name}": grade
+                                                                  for (split, name), grade in expected.items()}
+    assert result["bootstrap"]["patients"] == len(expected)
+
+
 def test_eyepacs_test_split_reports_each_leaderboard(ddr_run):
     base, best = ddr_run
     evaluate.main([str(best), "--data-root", str(base / "eyepacs"), "--split", "test", "--workers", "0", "--quiet",
