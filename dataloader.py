@@ -206,6 +206,26 @@ def arrange_splits(tables: dict[str, FundusTable], test_fraction: float, val_fra
     return train, test, val
 
 
+# How many photos of a layout without a rule of its own (the lab's CSVs, a labels table) are read to tell
+# eye crops (square) from raw camera photos (a 4:3 or 3:2 frame): only the files' headers are read.
+SHAPE_SAMPLE = 20
+
+
+def all_square(splits: dict[str, layouts.Split], sample: int = SHAPE_SAMPLE) -> bool:
+    """Whether a sample of the listed photos (the first of each split) are square, sides within 1 %, as eye
+    crops are; raw camera photos are not, and load_square's centre crop would cut their eye's sides."""
+    for split in splits.values():
+        for path in split.rows["path"][split.rows["path"] != ""][:sample]:
+            try:
+                with Image.open(path) as img:
+                    w, h = img.size
+            except (OSError, ValueError):
+                continue  # an unreadable file is named when it is loaded, with its row
+            if abs(w - h) > 0.01 * max(w, h):
+                return False
+    return True
+
+
 def load_fundus_data(data_root: str | os.PathLike | None = None, image_dir: str | os.PathLike | None = None,
                      test_fraction: float = 0.2, val_fraction: float = 0.0, split_seed: int = 0,
                      log=print, layout: str = "auto") -> FundusData:
@@ -216,7 +236,11 @@ def load_fundus_data(data_root: str | os.PathLike | None = None, image_dir: str 
     image_dir = input_folder("--image-dir", image_dir) if image_dir is not None else None
     splits = layouts.read_splits(found, base, image_dir)
     dataset = "demo" if demo else dataset_name(found, root)
-    listed = {name: as_table(split, found.raw_photos, dataset) for name, split in splits.items()}
+    raw = found.raw_photos or not all_square(splits)
+    if raw and not found.raw_photos:
+        log(f"data: the photos {found.title} lists are not square: raw camera photos, cropped to the eye when "
+            "loaded (data/prepare.py crops them once, faster over many epochs)")
+    listed = {name: as_table(split, raw, dataset) for name, split in splits.items()}
     train, test, val = arrange_splits(listed, test_fraction, val_fraction, split_seed, log)
     excluded = pd.concat([split.rows.loc[split.rows["excluded"] != "", ["name", "excluded", "path"]]
                          .rename(columns={"excluded": "reason"}).assign(split=name) for name, split in splits.items()],

@@ -254,6 +254,24 @@ def test_the_lab_layout_and_a_labels_table_are_read_as_before(tmp_path, tiny_dem
     assert table.layout == "labels-table" and table.dataset == tmp_path.name and not table.train.raw_photos
 
 
+def test_a_labels_table_of_raw_photos_is_cropped_to_the_eye(tmp_path, demo_photos):
+    # raw camera frames (not square) listed by a plain labels table: each is loaded as its eye's crop
+    photos, grades = demo_photos
+    lines = ["image,level"]
+    for i in range(12):
+        save(photos[i], tmp_path / "images" / f"{i}_left.jpeg")
+        lines.append(f"{i}_left,{grades[i]}")
+    write_csv(tmp_path / "trainLabels.csv", "\n".join(lines) + "\n")
+    data = dataloader.load_fundus_data(tmp_path, test_fraction=0.25, log=lambda *_: None)
+    assert data.layout == "labels-table" and data.train.raw_photos
+    dataset = dataloader.FundusDataset(data.train, 32)
+    path = str(data.train.paths[0])
+    image, _ = dataset[0]
+    expected, cropped = dataloader.load_eye(path, 32)
+    assert cropped and np.array_equal(image.permute(1, 2, 0).numpy(), np.asarray(expected))
+    assert not np.array_equal(np.asarray(expected), np.asarray(dataloader.load_square(path, 32)))
+
+
 # --------------------------------------------------------------------------- when nothing matches
 def run_train(capsys, *argv) -> str:
     with pytest.raises(SystemExit) as exit_info:
