@@ -3,7 +3,9 @@ their publishers ship them, and this project's own two layouts, in one table (LA
 detection, loading, the error sentences and the data card (`python dataloader.py --data-root DIR`)
 all read. No pixels here: dataloader.py decodes them.
 
-The formats, as checked against each dataset's documentation and published loaders:
+The formats, as each dataset's documentation and published loaders give them (no download could be
+checked here, without network: the tests build copies with these names, headers and folders; where a
+real download differs, the error sentence names the files found):
 - eyepacs: Kaggle "Diabetic Retinopathy Detection" (2015). trainLabels.csv `image,level` (35,126 rows)
   with the photos in train/<image>.jpeg; retinopathy_solution.csv `image,level,Usage`, released after
   the competition, grades test/<image>.jpeg, Usage Public or Private naming the leaderboard each photo
