@@ -11,6 +11,7 @@ where the model looked (Grad-CAM of the last residual stage, through captum).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import sys
@@ -276,8 +277,9 @@ class PhotoDataset(torch.utils.data.Dataset):
     scale and assessed (fundus.load_photo, fundus.assess: a gradable colour fundus photo, or why not), then
     an eye crop goes through the same load_square as the training data and
     a raw camera photo is cropped to the eye as data/prepare.py does (and Ben Graham-normalised when the
-    training data was). Items: (uint8 image, index, status, reason); a blank image unless graded. With force,
-    ungradable photos are graded anyway, their reason kept."""
+    training data was). A crop already Ben Graham-normalised is graded as it is for a run trained on such
+    crops, and ungradable for any other. Items: (uint8 image, index, status, reason); a blank image unless
+    graded. With force, ungradable photos are graded anyway, their reason kept."""
 
     def __init__(self, paths: list[Path], size: int, ben_graham: bool = False, force: bool = False):
         self.paths, self.size, self.ben_graham, self.force = paths, size, ben_graham, force
@@ -287,6 +289,10 @@ class PhotoDataset(torch.utils.data.Dataset):
 
     def load(self, path: Path):
         photo, quality = fundus.load_photo(path, self.size)
+        if fundus.is_ben_graham_crop(photo, quality):
+            # what a run trained on such crops takes as it is; the quality check judges photographs, not these
+            quality = dataclasses.replace(quality, gradable=self.ben_graham, reason="" if self.ben_graham else (
+                "already Ben Graham-normalised, and this run was trained on plain crops: pass the original photo"))
         if not quality.gradable and not self.force:
             return None, UNGRADABLE, quality.reason
         if quality.field is None or fundus.is_eye_crop(photo, quality.field):

@@ -336,6 +336,21 @@ def assess(img: Image.Image, field: Field | None = None) -> Quality:
     return Quality(True, "", field, measures)
 
 
+# Ben Graham's output (ben_graham: data/prepare.py --ben-graham) is not a photograph for assess() to judge:
+# its field's median is grey in every channel (128-132 on 40 demo crops and three drawn photos; greyscale
+# crops of the same eyes 56-114) and it is black beyond GRAHAM_KEEP of the radius, so its field spans
+# 0.906-0.907 of the side (plain crops 1.00-1.003).
+GRAHAM_GREY = 12
+
+
+def is_ben_graham_crop(img: Image.Image, quality: Quality) -> bool:
+    """Whether img is a square crop already Ben Graham-normalised, from assess()'s measures of it."""
+    m = quality.measures
+    if quality.field is None or "span" not in m or abs(img.width - img.height) > 0.01 * max(img.size):
+        return False
+    return abs(m["span"] - GRAHAM_KEEP) <= 0.05 and all(abs(m[c] - 128) <= GRAHAM_GREY for c in ("red", "green", "blue"))
+
+
 def vessel_contrast(small: Image.Image, factor: int, eye: Field) -> float:
     """How sharply the vessels stand out: the green channel (where vessels show best) of the field resampled
     to QUALITY_SIDE across, band-passed at vessel scale (a difference of Gaussians, sigma 1 and 4 px), its

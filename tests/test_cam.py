@@ -3,9 +3,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps
 
 import evaluate
+import fundus
 import plot
 import synthetic
 import dataloader
@@ -97,6 +98,24 @@ def test_raw_photo_is_cropped_to_the_eye_like_prepare(demo_run, tmp_path):
     original = evaluate.PhotoDataset([root / "images" / crop.filename.split("/")[-1]], 64)[0][0].float()
     assert seen.shape == original.shape == (3, 64, 64)
     assert (seen - original).abs().mean() < 12, "the raw photo was not cropped back to the eye"
+
+
+def test_ben_graham_crops_are_graded_as_they_are_by_a_run_trained_on_them(demo_run, tmp_path):
+    _, root, _ = demo_run
+    name = dataloader.load_fundus_data(root).test.names[0]
+    crop = fundus.crop_eye(Image.open(root / "images" / f"{name}.jpeg").convert("RGB"), 128)
+    fundus.ben_graham(crop, 64).save(tmp_path / "graham.jpeg", quality=95)
+    ImageOps.grayscale(crop).convert("RGB").save(tmp_path / "grey.jpeg", quality=95)
+    paths = [tmp_path / "graham.jpeg", tmp_path / "grey.jpeg"]
+    image, _, status, reason = evaluate.PhotoDataset(paths, 64, ben_graham=True)[0]
+    assert (status, reason) == (evaluate.GRADED, "")
+    assert torch.equal(image, dataloader.to_uint8_chw(dataloader.load_square(str(paths[0]), 64)))
+    _, _, status, reason = evaluate.PhotoDataset(paths, 64, ben_graham=False)[0]
+    assert status == evaluate.UNGRADABLE and "already Ben Graham-normalised" in reason
+    # a greyscale crop is not taken for one: it stays no colour fundus photo for either run
+    for graham in (True, False):
+        _, _, status, reason = evaluate.PhotoDataset(paths, 64, ben_graham=graham)[1]
+        assert status == evaluate.UNGRADABLE and reason.startswith("not a colour fundus photo")
 
 
 def test_every_file_gets_a_row_and_cams_are_drawn_for_graded_photos_only(demo_run, tmp_path, capsys):
