@@ -141,9 +141,9 @@ def bench_input_pipeline(fundus: dataloader.FundusData, size: int, rounds: int) 
 
     def run(dataset):
         # through a DataLoader in this process, so batching (collation) is counted too
-        loader = torch.utils.data.DataLoader(dataset, batch_size=32, num_workers=0,
-                                             collate_fn=dataloader.collate_fundus if isinstance(dataset, dataloader.FundusDataset)
-                                             else None)
+        collate = dataloader.collate_fundus if isinstance(dataset, dataloader.FundusDataset) else None
+        loader = torch.utils.data.DataLoader(dataset, batch_size=32, num_workers=0, collate_fn=collate)
+
         def consume():
             for _ in loader:  # each batch dropped as the next comes, as training does: none kept in memory
                 pass

@@ -82,8 +82,9 @@ DRAFT_SPAN = 1.25
 
 def photo_for_crop(path: Path, size: int) -> tuple[Image.Image, Field]:
     """A photo decoded for an eye crop of `size` at the least decoding cost, and its field in pixels of the
-    photo returned; NoField (with the photo as .photo) when it shows none. A JPEG decodes at a reduced scale (see DRAFT_SPAN), and again at
-    a larger one only where its eye came out under `size` across: the crop is only ever a downsample."""
+    photo returned; NoField (with the photo as .photo) when it shows none. A JPEG decodes at a reduced
+    scale (see DRAFT_SPAN), and again at a larger one only where its eye came out under `size` across:
+    the crop is only ever a downsample."""
     with Image.open(path) as img:
         full, is_jpeg = img.size, img.format == "JPEG"
     scale = min(1.0, DRAFT_SPAN * size / min(full))
@@ -126,7 +127,8 @@ class Field:
     top: float
     bottom: float
     size: tuple[int, int]
-    lit: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)  # the lit region on the reduced copy
+    # the lit region on the reduced copy
+    lit: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def mask(self, size: tuple[int, int] | None = None) -> np.ndarray:
         """The field as a boolean mask of `size` (default the photo's), pixel centres inside."""
@@ -348,7 +350,8 @@ def is_ben_graham_crop(img: Image.Image, quality: Quality) -> bool:
     m = quality.measures
     if quality.field is None or "span" not in m or abs(img.width - img.height) > 0.01 * max(img.size):
         return False
-    return abs(m["span"] - GRAHAM_KEEP) <= 0.05 and all(abs(m[c] - 128) <= GRAHAM_GREY for c in ("red", "green", "blue"))
+    grey = all(abs(m[channel] - 128) <= GRAHAM_GREY for channel in ("red", "green", "blue"))
+    return grey and abs(m["span"] - GRAHAM_KEEP) <= 0.05
 
 
 def vessel_contrast(small: Image.Image, factor: int, eye: Field) -> float:
@@ -441,7 +444,8 @@ WRITTEN, KEPT, UNGRADABLE, FAILED = "written", "kept", "ungradable", "failed"
 def prepare_photo(src: Path, dst: Path, size: int, graham: bool, quality: int = 95,
                   keep_ungradable: bool = False) -> tuple[str, str]:
     """Crop src into dst (JPEG), Ben Graham-normalised with graham, unless assess() calls it ungradable (then
-    kept only with keep_ungradable, and only if it has a field to crop to). Returns (WRITTEN, KEPT, UNGRADABLE or FAILED, the reason).
+    kept only with keep_ungradable, and only if it has a field to crop to). Returns (WRITTEN, KEPT,
+    UNGRADABLE or FAILED, the reason).
     dst appears complete or not at all (runtime.atomic_write), so an interrupted run leaves no truncated
     JPEG that the next run would skip as done."""
     try:
