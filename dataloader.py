@@ -211,18 +211,23 @@ def arrange_splits(tables: dict[str, FundusTable], test_fraction: float, val_fra
 SHAPE_SAMPLE = 20
 
 
+def header_size(path) -> tuple[int, int] | None:
+    """(width, height) from the file's header, without decoding it; None for a file that is no image."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (OSError, ValueError):  # UnidentifiedImageError is an OSError
+        return None
+
+
 def all_square(splits: dict[str, layouts.Split], sample: int = SHAPE_SAMPLE) -> bool:
-    """Whether a sample of the listed photos (the first of each split) are square, sides within 1 %, as eye
-    crops are; raw camera photos are not, and load_square's centre crop would cut their eye's sides."""
+    """Whether a sample of the listed photos (the first of each split) are square (fundus.is_square), as eye
+    crops are; raw camera photos are not, and load_square's centre crop would cut their eye's sides. An
+    unreadable file is passed over here: it is named when it is loaded, with its row."""
     for split in splits.values():
-        for path in split.rows["path"][split.rows["path"] != ""][:sample]:
-            try:
-                with Image.open(path) as img:
-                    w, h = img.size
-            except (OSError, ValueError):
-                continue  # an unreadable file is named when it is loaded, with its row
-            if abs(w - h) > 0.01 * max(w, h):
-                return False
+        sizes = (header_size(path) for path in split.rows["path"][split.rows["path"] != ""][:sample])
+        if not all(size is None or fundus.is_square(size) for size in sizes):
+            return False
     return True
 
 
@@ -516,12 +521,9 @@ def image_sizes(fundus: FundusData, sample: int) -> str:
     seen: dict[str, int] = {}
     for table in fundus.splits().values():
         for i in np.unique(np.linspace(0, len(table) - 1, min(sample, len(table))).astype(int)):
-            try:
-                with Image.open(table.paths[i]) as img:
-                    size = f"{img.width}x{img.height}"
-            except (OSError, UnidentifiedImageError, ValueError):
-                size = "unreadable"
-            seen[size] = seen.get(size, 0) + 1
+            size = header_size(table.paths[i])
+            shown = "unreadable" if size is None else f"{size[0]}x{size[1]}"
+            seen[shown] = seen.get(shown, 0) + 1
     ranked = sorted(seen.items(), key=lambda item: -item[1])
     more = f" and {len(ranked) - 8} more" if len(ranked) > 8 else ""
     return (f"image sizes (a sample of up to {sample} a split, {sum(seen.values())} photos): "

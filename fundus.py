@@ -254,6 +254,11 @@ def eye_region(img: Image.Image) -> np.ndarray:
     return find_field(img).mask()
 
 
+def is_square(size: tuple[int, int]) -> bool:
+    """Sides within 1 % of each other: the shape of an eye crop; camera frames are 4:3 or 3:2."""
+    return abs(size[0] - size[1]) <= 0.01 * max(size)
+
+
 def is_eye_crop(img: Image.Image, field: Field | None = None) -> bool:
     """True when img already is an eye crop, so re-cropping would change (almost) nothing.
 
@@ -261,7 +266,7 @@ def is_eye_crop(img: Image.Image, field: Field | None = None) -> bool:
     centred within 3 % of the side and its diameter is 85-103 % of the side. 85 %, because --ben-graham
     output is black beyond 90 % of the radius. A photo with no eye is not a crop."""
     side = max(img.size)
-    if abs(img.width - img.height) > 0.01 * side:
+    if not is_square(img.size):
         return False
     try:
         field = field or find_field(img)
@@ -348,7 +353,7 @@ GRAHAM_GREY = 12
 def is_ben_graham_crop(img: Image.Image, quality: Quality) -> bool:
     """Whether img is a square crop already Ben Graham-normalised, from assess()'s measures of it."""
     m = quality.measures
-    if quality.field is None or "span" not in m or abs(img.width - img.height) > 0.01 * max(img.size):
+    if quality.field is None or "span" not in m or not is_square(img.size):
         return False
     grey = all(abs(m[channel] - 128) <= GRAHAM_GREY for channel in ("red", "green", "blue"))
     return grey and abs(m["span"] - GRAHAM_KEEP) <= 0.05
