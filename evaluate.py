@@ -438,10 +438,15 @@ def grade_photos(args, checkpoint: dict, device: torch.device, workers: int) -> 
         print(f"wrote {counts.get(GRADED)} Grad-CAM figures to {cam_dir}/")
 
 
+def report_name(name: str, split: str) -> str:
+    """<name>[_<split> unless test or all]: what an evaluation's JSON, figure and predictions are named, one
+    per checkpoint, data, TTA and split (name: <run>[_on_<dataset>][_tta])."""
+    return name if split in ("test", "all") else f"{name}_{split}"
+
+
 def predictions_path(log_dir: Path, name: str, split: str) -> Path:
-    """<log dir>/<name>[_<split> unless test or all]_predictions.csv: one file per checkpoint, data, TTA and
-    split (name: <run>[_on_<dataset>][_tta])."""
-    return log_dir / f"{name}{'' if split in ('test', 'all') else '_' + split}_predictions.csv"
+    """<log dir>/<report_name>_predictions.csv."""
+    return log_dir / f"{report_name(name, split)}_predictions.csv"
 
 
 def reference_data(checkpoint: dict, args, fundus: dataloader.FundusData, on: str | None):
@@ -486,13 +491,13 @@ def evaluate_split_command(args, checkpoint: dict, device: torch.device, workers
               "num_images": len(predictions), "tta": args.tta, "predictions": str(main_csv),
               "reference_predictions": str(reference_csv) if reference_csv else None, **scores,
               **dataset_fields(table, on, probs)}
-    report_name = f"{name}{'' if args.split in ('test', 'all') else '_' + args.split}"  # the JSON's and figure's
-    out = Path(args.out) if args.out else log_dir / f"{report_name}_eval.json"
+    reported = report_name(name, args.split)
+    out = Path(args.out) if args.out else log_dir / f"{reported}_eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, json.dumps(result, indent=2))
     import plot  # matplotlib only when a figure is drawn
 
-    figure = Path(args.figure_dir) / f"confusion_{report_name}.png"
+    figure = Path(args.figure_dir) / f"confusion_{reported}.png"
     figure.parent.mkdir(parents=True, exist_ok=True)
     plot.plot_confusion(scores["confusion_matrix"], figure)
     where = (f"every gradable image of {on}" if args.split == "all"
@@ -534,6 +539,7 @@ def clinical_report(result: dict) -> str:
                      f"{result['accuracy_tuned']:.2%}")
     lines.append(f"calibration: expected calibration error {result['ece']:.4f} ({metrics.ECE_BINS} bins)")
     return "\n".join(lines)
+
 
 def evaluated_on(checkpoint: dict, args, table: dataloader.FundusTable) -> str | None:
     """The dataset an evaluation is named after (<run>_on_<dataset>_eval.json, plot.py's row "<run> on
