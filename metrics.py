@@ -106,10 +106,14 @@ def screening_metrics(grades: np.ndarray, probs: np.ndarray, grade: int, chosen:
         fpr, tpr, _ = roc_curve(positive, score)
         out["roc"] = {"fpr": np.round(fpr, 5).tolist(), "tpr": np.round(tpr, 5).tolist()}
     if chosen is not None:
-        out["operating_points"] = {
-            name: {"threshold": t, "sensitivity": rates(positive, score >= t)["sensitivity"],
-                   "specificity": rates(positive, score >= t)["specificity"]} for name, t in chosen.items()}
+        out["operating_points"] = {name: point(positive, score, t) for name, t in chosen.items()}
     return out
+
+
+def point(positive: np.ndarray, score: np.ndarray, threshold: float) -> dict:
+    """An operating point: its threshold, and the sensitivity and specificity of calling score >= it."""
+    called = rates(positive, score >= threshold)
+    return {"threshold": threshold, "sensitivity": called["sensitivity"], "specificity": called["specificity"]}
 
 
 # --------------------------------------------------------------------------- kappa-tuned grading
