@@ -118,7 +118,7 @@ def report(outcomes: dict[str, dict[Path, str]], skipped: int, dst_dir: Path) ->
           f"{len(ungradable)} ungradable" + (f" ({len(outcomes[KEPT])} kept with --keep-ungradable)"
                                              if outcomes[KEPT] else "")
           + f", {len(failures)} failed -> {dst_dir / 'images'}")
-    for listing, entries in ((dst_dir / UNGRADABLE_FILE, ungradable), (dst_dir / FAILURES_FILE, failures)):
+    for listing in (dst_dir / UNGRADABLE_FILE, dst_dir / FAILURES_FILE):
         listing.unlink(missing_ok=True)
     if ungradable:
         rows = pd.DataFrame({"path": [str(p) for p in sorted(ungradable)],
