@@ -26,6 +26,11 @@ SCREENING = {"referable": 2, "vision_threatening": 3}
 # Gulshan et al. 2016's operating points on EyePACS-1: a high-sensitivity one (97.5 % sensitivity, 93.4 %
 # specificity) and a high-specificity one (90.3 % / 98.1 %).
 TARGET_SENSITIVITY, TARGET_SPECIFICITY = 0.975, 0.98
+# A target is reachable on a split only if the split can miss one case and still meet it: with fewer than
+# 1 / (1 - 0.975) = 40 positive cases the only sensitivity >= 97.5 % is 100 %, and the point chosen is the
+# lowest positive score, not a 97.5 % point (the demo's val split, 8 referable eyes, chose one that gave
+# 83.6 % on the test split). Likewise 1 / (1 - 0.98) = 50 negative cases for the specificity target.
+MIN_POSITIVES, MIN_NEGATIVES = round(1 / (1 - TARGET_SENSITIVITY)), round(1 / (1 - TARGET_SPECIFICITY))
 ECE_BINS = 15  # Guo et al. 2017
 BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED = 1000, 0
 
@@ -77,35 +82,47 @@ def rates(positive: np.ndarray, called: np.ndarray) -> dict:
     return {"sensitivity": share(tp, fn), "specificity": share(tn, fp), "ppv": share(tp, fp), "npv": share(tn, fn)}
 
 
-def operating_thresholds(positive: np.ndarray, score: np.ndarray) -> dict | None:
-    """The score thresholds of the two operating points, chosen on these (another split's) images: the
-    highest threshold whose sensitivity reaches TARGET_SENSITIVITY (so the best specificity there), and the
-    lowest whose specificity reaches TARGET_SPECIFICITY (so the best sensitivity there). None without both
-    classes. A score at or above a threshold is called positive."""
-    if positive.all() or not positive.any():
-        return None
+def operating_thresholds(positive: np.ndarray, score: np.ndarray, split: str) -> tuple[dict, dict]:
+    """The score thresholds of the two operating points, chosen on these (another split's) images, and for a
+    point the split cannot choose, the sentence saying why (too few cases: MIN_POSITIVES, MIN_NEGATIVES).
+    high_sensitivity: the highest threshold whose sensitivity reaches TARGET_SENSITIVITY (the best specificity
+    there); high_specificity: the lowest whose specificity reaches TARGET_SPECIFICITY (the best sensitivity
+    there). Where the split meets both targets at once, these two cross; then each is the other's (both still
+    meet both targets there), so that the high-sensitivity point never lies above the high-specificity one.
+    A score at or above a threshold is called positive."""
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    unset = {}
+    if n_pos < MIN_POSITIVES:
+        unset["high_sensitivity"] = (f"not chosen: the {split} split has {n_pos} positive cases, and a point at "
+                                     f"{TARGET_SENSITIVITY:.1%} sensitivity needs at least {MIN_POSITIVES}")
+    if n_neg < MIN_NEGATIVES:
+        unset["high_specificity"] = (f"not chosen: the {split} split has {n_neg} negative cases, and a point at "
+                                     f"{TARGET_SPECIFICITY:.0%} specificity needs at least {MIN_NEGATIVES}")
+    if not n_pos or not n_neg:
+        return {}, unset
     fpr, tpr, thresholds = roc_curve(positive, score, drop_intermediate=False)
     # roc_curve's first threshold is +inf, nothing called positive; a JSON number just above any score says so
     thresholds = np.minimum(thresholds, np.nextafter(1.0, 2.0))
-    sensitive = np.flatnonzero(tpr >= TARGET_SENSITIVITY)[0]
-    specific = np.flatnonzero(1 - fpr >= TARGET_SPECIFICITY)[-1]
-    return {"high_sensitivity": float(thresholds[sensitive]), "high_specificity": float(thresholds[specific])}
+    sensitive = float(thresholds[np.flatnonzero(tpr >= TARGET_SENSITIVITY)[0]])
+    specific = float(thresholds[np.flatnonzero(1 - fpr >= TARGET_SPECIFICITY)[-1]])
+    points = dict(zip(("high_sensitivity", "high_specificity"), sorted((sensitive, specific))))
+    return {name: t for name, t in points.items() if name not in unset}, unset
 
 
 def screening_metrics(grades: np.ndarray, probs: np.ndarray, grade: int, chosen: dict | None,
-                      chosen_on: str | None) -> dict:
+                      chosen_on: str | None, unset: dict | None = None) -> dict:
     """One screening question (grade or worse?) on these images: AUC and its ROC curve, the argmax grade's
-    sensitivity/specificity/PPV/NPV, and both operating points at thresholds chosen elsewhere (`chosen`, from
-    operating_thresholds on the split named `chosen_on`)."""
+    sensitivity/specificity/PPV/NPV, and the operating points at thresholds chosen elsewhere (`chosen`, from
+    operating_thresholds on the split named `chosen_on`; `unset`: why a point could not be chosen there)."""
     positive, score = grades >= grade, screening_score(probs, grade)
     out = {"grade_at_least": grade, "positives": int(positive.sum()), "negatives": int((~positive).sum()),
            "auc": None, **rates(positive, probs.argmax(1) >= grade), "operating_points": None,
-           "chosen_on": chosen_on, "roc": None}
+           "operating_points_unset": unset or {}, "chosen_on": chosen_on, "roc": None}
     if positive.any() and not positive.all():
         out["auc"] = float(roc_auc_score(positive, score))
         fpr, tpr, _ = roc_curve(positive, score)
         out["roc"] = {"fpr": np.round(fpr, 5).tolist(), "tpr": np.round(tpr, 5).tolist()}
-    if chosen is not None:
+    if chosen:
         out["operating_points"] = {name: point(positive, score, t) for name, t in chosen.items()}
     return out
 
@@ -198,9 +215,9 @@ def clinical_metrics(grades: np.ndarray, probs: np.ndarray, patients: list[str],
     never the split reported here; None leaves them out."""
     out = {}
     for name, grade in SCREENING.items():
-        chosen = operating_thresholds(reference[0] >= grade, screening_score(reference[1], grade)) \
-            if reference is not None else None
-        out[name] = screening_metrics(grades, probs, grade, chosen, reference[2] if chosen else None)
+        chosen, unset = operating_thresholds(reference[0] >= grade, screening_score(reference[1], grade),
+                                             reference[2]) if reference is not None else (None, None)
+        out[name] = screening_metrics(grades, probs, grade, chosen, reference[2] if reference else None, unset)
     if reference is not None:
         thresholds = tune_thresholds(reference[0], expected_grade(reference[1]))
         tuned = cut(expected_grade(probs), thresholds)

@@ -38,7 +38,8 @@ def test_operating_points_meet_their_targets_at_the_extreme_threshold():
     rng = np.random.default_rng(0)
     positive = rng.random(400) < 0.3
     score = np.clip(rng.normal(np.where(positive, 0.7, 0.3), 0.15), 0, 1)
-    chosen = metrics.operating_thresholds(positive, score)
+    chosen, unset = metrics.operating_thresholds(positive, score, "val")
+    assert unset == {}
     fpr, tpr, thresholds = roc_curve(positive, score, drop_intermediate=False)
     sensitivity = lambda t: (score[positive] >= t).mean()  # noqa: E731
     specificity = lambda t: (score[~positive] < t).mean()  # noqa: E731
@@ -46,7 +47,42 @@ def test_operating_points_meet_their_targets_at_the_extreme_threshold():
     assert sensitivity(t) >= 0.975 and all(sensitivity(u) < 0.975 for u in thresholds if u > t)
     t = chosen["high_specificity"]
     assert specificity(t) >= 0.98 and all(specificity(u) < 0.98 for u in thresholds if u < t)
-    assert metrics.operating_thresholds(np.ones(5, bool), np.ones(5)) is None
+    assert metrics.operating_thresholds(np.ones(60, bool), np.ones(60), "val")[0] == {}
+
+
+def test_operating_points_never_cross():
+    # a split that separates the classes meets both targets on a whole interval of thresholds: the highest
+    # threshold with 97.5 % sensitivity lies above the lowest with 98 % specificity, and the two used to be
+    # reported crossed (the demo with --tta: high-sensitivity 0.96, high-specificity 0.61)
+    rng = np.random.default_rng(3)
+    positive = np.repeat([True, False], [100, 100])
+    score = np.where(positive, rng.uniform(0.6, 1.0, 200), rng.uniform(0.0, 0.4, 200))
+    chosen, unset = metrics.operating_thresholds(positive, score, "val")
+    assert unset == {} and chosen["high_sensitivity"] <= chosen["high_specificity"]
+    for t in chosen.values():  # each still meets both targets on the split it was chosen on
+        assert (score[positive] >= t).mean() >= 0.975 and (score[~positive] < t).mean() >= 0.98
+
+
+@pytest.mark.parametrize("positives, negatives, missing", [(39, 200, "high_sensitivity"),
+                                                           (200, 49, "high_specificity"),
+                                                           (5, 5, "both")])
+def test_a_split_too_small_for_a_target_chooses_no_point_and_says_so(positives, negatives, missing):
+    rng = np.random.default_rng(4)
+    positive = np.repeat([True, False], [positives, negatives])
+    score = np.clip(rng.normal(np.where(positive, 0.7, 0.3), 0.2), 0, 1)
+    chosen, unset = metrics.operating_thresholds(positive, score, "val")
+    names = {"high_sensitivity", "high_specificity"} if missing == "both" else {missing}
+    assert set(unset) == names and not names & set(chosen) and len(chosen) == 2 - len(names)
+    if "high_sensitivity" in names:
+        assert f"the val split has {positives} positive cases" in unset["high_sensitivity"]
+        assert "at least 40" in unset["high_sensitivity"]
+    if "high_specificity" in names:
+        assert f"the val split has {negatives} negative cases" in unset["high_specificity"]
+        assert "at least 50" in unset["high_specificity"]
+    grades = np.where(positive, 2, 0)
+    m = metrics.clinical_metrics(grades, one_hot_probs(score), [str(i) for i in range(len(score))],
+                                 (grades, one_hot_probs(score), "val"))["referable"]
+    assert m["operating_points_unset"] == unset and set(m["operating_points"] or {}) == set(chosen)
 
 
 def test_ece_worked_by_hand():
@@ -136,8 +172,9 @@ def test_every_number_follows_from_the_predictions_files(val_run):
         ref_positive = val["grade"].to_numpy() >= grade
         ref_score = val[[f"p{g}" for g in range(grade, 5)]].to_numpy().sum(1)
         assert m["chosen_on"] == "val"
-        chosen = metrics.operating_thresholds(ref_positive, ref_score)
-        for point, values in m["operating_points"].items():
+        chosen, unset = metrics.operating_thresholds(ref_positive, ref_score, "val")
+        assert m["operating_points_unset"] == unset and set(m["operating_points"] or {}) == set(chosen)
+        for point, values in (m["operating_points"] or {}).items():
             assert values["threshold"] == pytest.approx(chosen[point])
             assert values["sensitivity"] == pytest.approx((score[positive] >= values["threshold"]).mean())
             assert values["specificity"] == pytest.approx((score[~positive] < values["threshold"]).mean())
@@ -186,7 +223,8 @@ def test_plot_draws_roc_and_reliability_and_the_summary_columns(val_run, tmp_pat
     fig = plot.roc_figure(result, "")
     labels = [text for ax in fig.axes for text in ax.get_legend_handles_labels()[1]]
     assert f"ROC, AUC {result['referable']['auc']:.3f}" in labels[0]
-    assert sum("point (chosen on val)" in label for label in labels) >= 2
+    chosen = len(result["referable"]["operating_points"] or {})
+    assert sum("point (chosen on val)" in label for label in labels) == chosen
     plot.plt.close(fig)
     summary = (tmp_path / "figures" / "summary.md").read_text()
     assert "| referable AUC | referable sens / spec (%) | tuned kappa |" in summary
