@@ -27,7 +27,8 @@ import layouts
 # the lab's files and the table readers live in layouts.py; data/prepare.py and the tests import them
 # from here, as they did before layouts.py existed
 from layouts import LAB_FILES, patient_id, read_column, read_labels_table  # noqa: F401
-from runtime import NUM_GRADES, Parser, UserError, check_output, exit_on_user_error, input_folder, worker_signals
+from runtime import (NUM_GRADES, Parser, UserError, check_output_file, exit_on_user_error, input_folder,
+                     worker_signals)
 
 # Decoded pixels arrive as read-only numpy arrays; torch warns when it wraps one. Nothing writes to
 # them in place (BatchTransform makes a float copy first), and copying to silence it costs time.
@@ -600,7 +601,7 @@ def main(argv=None) -> None:
     if args.sample < 1:
         raise UserError("--sample must be at least 1")
     if args.excluded_csv:
-        check_output("--excluded-csv", args.excluded_csv, folder=False)
+        check_output_file("--excluded-csv", args.excluded_csv, "a list of left-out photos of dataloader.py")
     fundus = load_fundus_data(args.data_root, args.image_dir, args.test_fraction, args.val_fraction,
                               args.split_seed, layout=args.layout)
     print(data_card(fundus, args.sample, args.hash))

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import filecmp
 import functools
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -27,9 +29,9 @@ import fundus
 import layouts
 import metrics
 import models
-from runtime import (GRADE_NAMES, NUM_GRADES, Parser, UserError, autocast, check_output, choose_device,
-                     exit_on_user_error, is_pretrained, load_checkpoint, memory_format, precision, progress,
-                     restore_model, worker_signals, write_text_atomic)
+from runtime import (GRADE_NAMES, NUM_GRADES, OUTPUT_KINDS, Parser, UserError, autocast, check_output,
+                     check_output_file, choose_device, exit_on_user_error, is_pretrained, load_checkpoint, memory_format,
+                     precision, progress, restore_model, weights_digest, worker_signals, write_text_atomic)
 
 GRADES = metrics.GRADES
 
@@ -41,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None, help="dataset folder (default: the one the run trained on)")
     p.add_argument("--image-dir", default=None, help="image folder (default: the run's, or found under --data-root)")
     p.add_argument("--split", default="test", choices=["test", "val", "train", "all"],
-                   help="all: every labelled, gradable image of the dataset, all its splits (external validation, "
-                        "with --data-root another dataset); written as <run>_on_<dataset>_eval.json")
+                   help="all: every labelled, gradable image of the dataset, all its splits (external validation "
+                        "with --data-root another dataset, written as <run>_on_<dataset>_eval.json; on the run's "
+                        "own data <run>_all_eval.json)")
     p.add_argument("--layout", default="auto", choices=["auto", *layouts.NAMES],
                    help="with --data-root: its layout (auto: recognised from its files)")
     p.add_argument("--tta", action="store_true", help="average the softmax over the 8 flips and quarter turns")
@@ -178,7 +181,10 @@ def reported_table(fundus: dataloader.FundusData, split: str) -> dataloader.Fund
 
 def reference_split(fundus: dataloader.FundusData, reported: str) -> str | None:
     """The split that operating points and kappa thresholds are chosen on: the run's validation split when it
-    has one, else its training split; never the split being reported (then the other one, or none)."""
+    has one, else its training split; never the split being reported (then the other one, or none: --split
+    all reports them all)."""
+    if reported == "all":
+        return None
     for split in ("val", "train"):
         if split != reported and getattr(fundus, split) is not None:
             return split
@@ -368,20 +374,28 @@ def predict_photos(checkpoint: dict, paths: list[Path], device: torch.device, ba
 def cam_outputs(paths: list[Path], cam_dir: Path) -> list[tuple[Path | None, Path]]:
     """Per photo, where --cam puts its copy (None when the photo already lies in cam_dir) and its Grad-CAM
     figure: <stem>.<ext> and <stem>_cam.png, with -2, -3, ... added where two photos share a name, and
-    never the name of an input file (a figure or copy never overwrites a photo)."""
+    never the name of an input file or of a file already there that is no earlier output of the same photo
+    (a figure or copy never overwrites a photo: runtime's output rule, applied by choosing another name)."""
     taken = {p.resolve() for p in paths}
     outputs = []
     for path in paths:
         in_place = path.resolve().parent == cam_dir.resolve()
-        for n in range(1, len(paths) + 2):
+        for n in itertools.count(1):
             stem = path.stem if n == 1 else f"{path.stem}-{n}"
             copy = None if in_place else cam_dir / f"{stem}{path.suffix}"
             figure = cam_dir / f"{stem}_cam.png"
-            if figure.resolve() not in taken and (copy is None or copy.resolve() not in taken):
+            if free_for(figure, taken, OUTPUT_KINDS["a figure drawn by matplotlib"]) and (
+                    copy is None or free_for(copy, taken, lambda old: filecmp.cmp(old, path, shallow=False))):
                 break
         taken |= {figure.resolve()} | ({copy.resolve()} if copy else set())
         outputs.append((copy, figure))
     return outputs
+
+
+def free_for(output: Path, taken: set, replaceable) -> bool:
+    """Whether `output` may be written: not taken by an input or another output of this call, and absent or
+    a file that `replaceable` recognises as this output written before."""
+    return output.resolve() not in taken and (not output.exists() or (output.is_file() and replaceable(output)))
 
 
 def save_cam(source: Path, image: torch.Tensor, cam: torch.Tensor, grade: int, confidence: float,
@@ -438,14 +452,18 @@ def grade_photos(args, checkpoint: dict, device: torch.device, workers: int) -> 
         print(f"wrote {counts.get(GRADED)} Grad-CAM figures to {cam_dir}/")
 
 
-def report_name(name: str, split: str) -> str:
-    """<name>[_<split> unless test or all]: what an evaluation's JSON, figure and predictions are named, one
-    per checkpoint, data, TTA and split (name: <run>[_on_<dataset>][_tta])."""
-    return name if split in ("test", "all") else f"{name}_{split}"
+def report_name(name: str, split: str, external: bool = False) -> str:
+    """What an evaluation's JSON, figure, predictions and Grad-CAMs are named, one per checkpoint, data, TTA and
+    split (name: <run>[_on_<dataset>][_tta]): <name>_<split>, except the two evaluations the README names, the
+    run's test split (<run>) and another dataset's every image (<run>_on_<dataset>). So two splits never share
+    a file: --split test and --split all of one dataset used to write the same one, the second replacing the
+    first."""
+    plain = split == ("all" if external else "test")
+    return name if plain else f"{name}_{split}"
 
 
 def predictions_path(log_dir: Path, name: str, split: str) -> Path:
-    """<log dir>/<report_name>_predictions.csv."""
+    """<log dir>/<report_name>_predictions.csv of one of the run's own splits."""
     return log_dir / f"{report_name(name, split)}_predictions.csv"
 
 
@@ -472,46 +490,76 @@ def evaluate_split_command(args, checkpoint: dict, device: torch.device, workers
     run_name = checkpoint["config"].get("run_name") or Path(args.checkpoint).parent.name
     fundus = run_data(checkpoint, args)
     table = reported_table(fundus, args.split)
-    on = evaluated_on(checkpoint, args, table)
+    on = evaluated_on(checkpoint, args, fundus, table)
     base = f"{run_name}_tta" if args.tta else run_name  # the run's own predictions, whatever data is reported
     name = f"{run_name}_on_{on}{'_tta' if args.tta else ''}" if on else base
-    log_dir = Path(checkpoint["config"].get("log_dir", "logs"))
-    main_csv = Path(args.predictions) if args.predictions else predictions_path(log_dir, name, args.split)
+    reported = report_name(name, args.split, on is not None)
+    reference = reference_data(checkpoint, args, fundus, on)
+    cams = report_name(f"{run_name}_on_{on}" if on else run_name, args.split, on is not None)  # TTA or not alike
+    outputs = split_outputs(args, checkpoint, reported, reference, base, cams)
     predict_split = functools.partial(predict_table, checkpoint, device=device, batch_size=args.batch_size,
                                       workers=workers, tta=args.tta, show=not args.quiet)
     probs = predict_split(table=table)
-    predictions = write_predictions(main_csv, table, probs)
-    reference = reference_data(checkpoint, args, fundus, on)
-    reference_csv = predictions_path(main_csv.parent, base, reference[1]) if reference else None
+    predictions = write_predictions(outputs["predictions"], table, probs)
+    reference_csv = outputs.get("reference")
     chosen = None if reference is None else (write_predictions(reference_csv, getattr(*reference), predict_split(
         table=getattr(*reference))), reference[1])
     scores = split_scores(predictions, chosen)
     result = {"run_name": run_name, "arch": checkpoint["arch"], "pretrained": is_pretrained(checkpoint["config"]),
-              "checkpoint": str(args.checkpoint), "epoch": checkpoint["epoch"], "split": args.split,
-              "num_images": len(predictions), "tta": args.tta, "predictions": str(main_csv),
+              "checkpoint": str(args.checkpoint), "epoch": checkpoint["epoch"],
+              "weights_digest": weights_digest(checkpoint["model"]), "split": args.split,
+              "data_digest": table.digest(), "num_images": len(predictions), "tta": args.tta,
+              "predictions": str(outputs["predictions"]),
               "reference_predictions": str(reference_csv) if reference_csv else None, **scores,
               **dataset_fields(table, on, probs)}
-    reported = report_name(name, args.split)
-    out = Path(args.out) if args.out else log_dir / f"{reported}_eval.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out, json.dumps(result, indent=2))
+    write_text_atomic(outputs["out"], json.dumps(result, indent=2))
     import plot  # matplotlib only when a figure is drawn
 
-    figure = Path(args.figure_dir) / f"confusion_{reported}.png"
-    figure.parent.mkdir(parents=True, exist_ok=True)
-    plot.plot_confusion(scores["confusion_matrix"], figure)
-    where = (f"every gradable image of {on}" if args.split == "all"
+    outputs["figure"].parent.mkdir(parents=True, exist_ok=True)
+    plot.plot_confusion(scores["confusion_matrix"], outputs["figure"])
+    dataset = on or "the run's own data"
+    where = (f"every gradable image of {dataset}" if args.split == "all"
              else f"the {args.split} split" + (f" of {on}" if on else ""))
     left_out = "".join(f", left out: {n} {reason}" for reason, n in table.excluded.items())
     print(f"{args.checkpoint} (epoch {checkpoint['epoch']}) on {where}: {result['num_images']} images{left_out}"
           + (", TTA x8" if args.tta else ""))
     print(format_report(scores))
     print(clinical_report(result))
-    print(f"wrote {out}, {main_csv}" + (f", {reference_csv}" if reference_csv else "") + f" and {figure}")
+    print(f"wrote {outputs['out']}, {outputs['predictions']}" + (f", {reference_csv}" if reference_csv else "")
+          + f" and {outputs['figure']}")
     if args.cam_per_grade:
-        cams = out.parent / f"{run_name}_cams.npz"
-        np.savez_compressed(cams, **cam_samples(checkpoint, table, args.cam_per_grade, device))
-        print(f"wrote {cams} (Grad-CAMs of up to {args.cam_per_grade} images per grade; plot.py draws them)")
+        np.savez_compressed(outputs["cams"], run_name=run_name, weights_digest=result["weights_digest"],
+                            **cam_samples(checkpoint, table, args.cam_per_grade, device))
+        print(f"wrote {outputs['cams']} (Grad-CAMs of up to {args.cam_per_grade} images per grade; plot.py draws "
+              "them)")
+
+
+def split_outputs(args, checkpoint: dict, reported: str, reference, base: str, cams: str) -> dict:
+    """Every file an evaluation of a split writes, each checked before any work (runtime.check_output_file):
+    never the checkpoint it reads, never an existing file of another kind (a run's log, a checkpoint, a photo,
+    a table the user gave); an evaluation run again rewrites its own files."""
+    log_dir = Path(checkpoint["config"].get("log_dir", "logs"))
+    main_csv = Path(args.predictions) if args.predictions else log_dir / f"{reported}_predictions.csv"
+    outputs = {"predictions": main_csv, "out": Path(args.out) if args.out else log_dir / f"{reported}_eval.json",
+               "figure": Path(args.figure_dir) / f"confusion_{reported}.png"}
+    if reference is not None:
+        outputs["reference"] = predictions_path(main_csv.parent, base, reference[1])
+    if args.cam_per_grade:
+        outputs["cams"] = outputs["out"].parent / f"{cams}_cams.npz"
+    kinds = {"predictions": "a predictions table of evaluate.py", "reference": "a predictions table of evaluate.py",
+             "out": "a metrics JSON of evaluate.py", "figure": "a figure drawn by matplotlib",
+             "cams": "a set of Grad-CAM samples of evaluate.py"}
+    flags = {"predictions": "--predictions", "out": "--out", "figure": "--figure-dir"}
+    seen = {}
+    for key, path in outputs.items():
+        check_output_file(flags.get(key, "output"), path, kinds[key], inputs=[args.checkpoint])
+        if path.resolve() in seen:
+            raise UserError(f"{flags.get(key, 'output')} {path} is where this evaluation's {seen[path.resolve()]} "
+                            "goes too; give another path")
+        seen[path.resolve()] = kinds[key].split(" of ")[0].removeprefix("a ")
+    for path in outputs.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return outputs
 
 
 def clinical_report(result: dict) -> str:
@@ -533,6 +581,8 @@ def clinical_report(result: dict) -> str:
             lines.append(f"  {point.replace('_', '-')} point (score >= {values['threshold']:.4f}, chosen on "
                          f"{m['chosen_on']}): sensitivity {pct(values['sensitivity'])}, specificity "
                          f"{pct(values['specificity'])}")
+        for point, why in m.get("operating_points_unset", {}).items():
+            lines.append(f"  {point.replace('_', '-')} point {why}")
     if result["thresholds"] is not None:
         lines.append(f"kappa-tuned grading (expected grade cut at {', '.join(f'{t:.2f}' for t in result['thresholds'])}"
                      f", tuned on {result['thresholds_from']}): kappa {result['kappa_tuned']:.4f}, accuracy "
@@ -541,14 +591,22 @@ def clinical_report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def evaluated_on(checkpoint: dict, args, table: dataloader.FundusTable) -> str | None:
+def evaluated_on(checkpoint: dict, args, fundus: dataloader.FundusData, table: dataloader.FundusTable) -> str | None:
     """The dataset an evaluation is named after (<run>_on_<dataset>_eval.json, plot.py's row "<run> on
-    <dataset>") when it is not one of the run's own splits: --split all, or --data-root a folder other than
-    the run's. The name is the layout's for a public dataset (messidor2), else the data root's folder name."""
-    recorded = checkpoint.get("data", {}).get("root")
-    elsewhere = args.data_root is not None and (recorded is None
-                                                or Path(args.data_root).resolve() != Path(recorded).resolve())
-    return (table.dataset or "data") if args.split == "all" or elsewhere else None
+    <dataset>") when it is not the run's own data: data whose splits' digests (names and grades) differ from
+    the ones the checkpoint recorded. A moved copy of the run's folder is the run's own data, wherever it lies,
+    and so is --split all on it. The name is the layout's for a public dataset (messidor2), else the data
+    root's folder name."""
+    if args.data_root is None:
+        return None  # run_data read the run's own data and checked its digests
+    recorded = checkpoint.get("data", {}).get("splits")
+    if recorded:
+        found = {name: split.digest() for name, split in fundus.splits().items()}
+        own = all(found.get(name) == split["digest"] for name, split in recorded.items())
+    else:  # a checkpoint from before digests were recorded: the folder tells
+        root = checkpoint.get("data", {}).get("root")
+        own = root is not None and Path(args.data_root).resolve() == Path(root).resolve()
+    return None if own else (table.dataset or "data")
 
 
 def dataset_fields(table: dataloader.FundusTable, on: str | None, probs: np.ndarray) -> dict:
@@ -583,6 +641,9 @@ def check_args(args) -> None:
     for ok, message in rules:
         if not ok:
             raise UserError(message)
+    if args.images and args.out:
+        check_output_file("--out", args.out, "a table of grades of evaluate.py --images",
+                          inputs=[args.checkpoint, *collect_images(args.images)])
     for flag in ("out", "predictions"):
         if getattr(args, flag):
             check_output(f"--{flag}", getattr(args, flag), folder=False)

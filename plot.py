@@ -21,7 +21,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from runtime import (AUC_COLUMN, GRADE_NAMES, LOG_COLUMNS, Parser, UserError, check_output,  # noqa: E402
-                     exit_on_user_error)
+                     check_output_file, exit_on_user_error, write_text_atomic)
 
 ARCH_ORDER = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 DPI = 150
@@ -35,9 +35,11 @@ LINE_STYLE = {
 }
 VAL_FOOTNOTE = ("Runs marked * held out a validation split: their best epoch is the one with the best "
                 "validation accuracy, and the test accuracy shown is the one at that epoch.")
-ON_FOOTNOTE = ("Rows 'RUN on DATASET' evaluate the run's checkpoint (its epoch under epochs) on another dataset, "
-               "or with evaluate.py --split all on every gradable image of one: accuracy, kappa and macro F1 "
-               "there, not on the run's test split.")
+OTHER_FOOTNOTE = ("Rows under the runs' own are one evaluation each (evaluate.py), on the split in the split "
+                  "column (all: every gradable image of the dataset), with the checkpoint's epoch under epochs.")
+ON_FOOTNOTE = ("Rows 'RUN on DATASET' evaluate the run's checkpoint on another dataset (other names or grades than "
+               "the run's splits; a moved copy of its own data is not another dataset): accuracy, kappa and macro "
+               "F1 there, not on the run's test split.")
 
 
 def display_name(arch: str) -> str:
@@ -139,6 +141,55 @@ def load_evals(logdir) -> list[dict]:
             raise UserError(f"{path} has no square 'confusion_matrix' of counts; rerun evaluate.py.")
         evals.append({"name": path.stem[:-len("_eval")], "path": path, "data": data, "matrix": matrix})
     return evals
+
+
+def measured(record: dict) -> str:
+    """What an evaluation (or a set of Grad-CAMs) measured, in words: its epoch and the start of its digest."""
+    digest = record.get("weights_digest")
+    return f"epoch {record.get('epoch', '?')}" + (f", weights {str(digest)[:12]}" if digest else "")
+
+
+def matches_best(record: dict, run: dict) -> bool:
+    """Whether an evaluation measured the run's best.pt: the weights digest train.py logged for its best epoch
+    (runs logged before digests: the best epoch's number)."""
+    best = run["json"].get("best_weights_digest")
+    if best:
+        return record.get("weights_digest") == best
+    return record.get("epoch", run["json"].get("best_epoch")) == run["json"].get("best_epoch")
+
+
+def current(records: list[dict], runs: list[dict], what: str) -> list[dict]:
+    """The evaluations (or Grad-CAM sets) that measured their run's best.pt, or that belong to no run in the
+    log folder; a stale one (an older checkpoint of the run, or a run since replaced with --overwrite) is left
+    out with one line, so that no summary row joins one checkpoint's numbers to another's."""
+    by_name = {run["name"]: run for run in runs}
+    kept = []
+    for record in records:
+        run = by_name.get(record["data"].get("run_name"))
+        if run is None or matches_best(record["data"], run):
+            kept.append(record)
+            continue
+        info = run["json"]
+        best = {"epoch": info.get("best_epoch"), "weights_digest": info.get("best_weights_digest")}
+        checkpoint = Path(info.get("checkpoint_dir") or Path("checkpoints") / run["name"]) / "best.pt"
+        print(f"plot.py: skipping {record['path']}: stale {what}, it measured {measured(record['data'])}, not run "
+              f"{run['name']}'s best.pt ({measured(best)}); run evaluate.py {checkpoint} again")
+    return kept
+
+
+def load_cams(logdir) -> list[dict]:
+    """One dict per *_cams.npz: name (stem without _cams), path, data (its run and weights, for current())."""
+    sheets = []
+    for path in visible(logdir, "*_cams.npz"):
+        try:
+            with np.load(path) as npz:
+                data = {k: npz[k] for k in npz.files}
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot read {path}: {_one_line(err)}") from None
+        named = {key: str(data.pop(key)) for key in ("run_name", "weights_digest") if key in data}
+        sheets.append({"name": path.stem.removesuffix("_cams"), "path": path, "sheet": data,
+                       "data": {"run_name": named.get("run_name", path.stem.removesuffix("_cams")), **named}})
+    return sheets
 
 
 def pick_latest(runs: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -419,16 +470,10 @@ def cam_sheet_figure(sheet: dict, title: str):
     return fig
 
 
-def plot_cam_sheet(npz_path, out_dir) -> Path:
-    path = Path(npz_path)
-    run = path.stem.removesuffix("_cams")
-    try:
-        with np.load(path) as npz:
-            sheet = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot read {path}: {_one_line(err)}") from None
-    fig = cam_sheet_figure(sheet, f"Grad-CAM by true grade: {run} (predicted grade and confidence)")
-    return _save(fig, Path(out_dir) / f"cams_{run}.png")
+def plot_cam_sheet(cams: dict, out_dir) -> Path:
+    """The contact sheet of one *_cams.npz (as load_cams read it)."""
+    fig = cam_sheet_figure(cams["sheet"], f"Grad-CAM by true grade: {cams['name']} (predicted grade and confidence)")
+    return _save(fig, Path(out_dir) / f"cams_{cams['name']}.png")
 
 
 def best_epoch_row(run: dict) -> tuple[pd.Series, bool]:
@@ -439,10 +484,10 @@ def best_epoch_row(run: dict) -> tuple[pd.Series, bool]:
 
 
 def eval_for(run: dict, evals: list[dict]) -> dict | None:
-    mine = [e for e in evals if (e["data"].get("run_name") == run["name"] or e["name"] == run["path"].stem)
-            and not e["data"].get("evaluated_on")]  # evaluations on other data get rows of their own
-    # plain test-split evaluations compare across runs; TTA or another split only when nothing else exists
-    mine.sort(key=lambda e: (bool(e["data"].get("tta")), e["data"].get("split", "test") != "test"))
+    """The run's plain evaluation of its own test split (no TTA), whose numbers share the run's row with the
+    log's best test accuracy: one split in one row. Every other evaluation has a row of its own."""
+    mine = [e for e in evals if e["data"].get("run_name", e["name"]) == run["name"] and not e["data"].get("evaluated_on")
+            and e["data"].get("split", "test") == "test" and not e["data"].get("tta")]
     return mine[0] if mine else None
 
 
@@ -458,47 +503,55 @@ def _screening_cells(evaluation: dict) -> list[str]:
     return [_number(referable.get("auc"), ".3f"), both, _number(evaluation.get("kappa_tuned"), ".3f")]
 
 
+SUMMARY_HEADER = ["| run | model | pretrained | epochs | best epoch | split | accuracy (%) | kappa | macro F1 "
+                  "| referable AUC | referable sens / spec (%) | tuned kappa | images/s |",
+                  "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+
 def summary_table(runs: list[dict], evals: list[dict]) -> str:
-    lines = ["| run | model | pretrained | epochs | best test acc (%) | best epoch | kappa | macro F1 | referable AUC "
-             "| referable sens / spec (%) | tuned kappa | images/s |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    any_by_val = False
+    """A row per run (its best epoch on its test split: accuracy from the log, the rest from the evaluation of
+    best.pt when there is one), then a row per other evaluation, each on the one split its `split` names."""
+    lines, shown, any_by_val = list(SUMMARY_HEADER), [], False
     for run in sorted(runs, key=lambda r: (_arch_order(r["arch"]), not r["pretrained"], r["name"])):
         row, by_val = best_epoch_row(run)
         any_by_val |= by_val
-        evaluation = (eval_for(run, evals) or {}).get("data", {})
+        evaluation = eval_for(run, evals)
+        shown.append(evaluation)
+        data = (evaluation or {}).get("data", {})
         speed = run["history"]["images_per_s"].median()
         lines.append(" | ".join([
             f"| {run['name']}", display_name(run["arch"]), "yes" if run["pretrained"] else "no",
-            str(len(run["history"])), _number(100 * row["test_acc"], ".2f") + ("*" if by_val else ""),
-            str(int(row["epoch"])), _number(evaluation.get("kappa", row["test_kappa"]), ".3f"),
-            _number(evaluation.get("macro_f1"), ".3f"), *_screening_cells(evaluation), _number(speed, ".1f")]) + " |")
-    elsewhere = dataset_rows(evals)
-    return "\n".join(lines + elsewhere + (["", VAL_FOOTNOTE] if any_by_val else [])
-                     + (["", ON_FOOTNOTE] if elsewhere else [])) + "\n"
+            str(len(run["history"])), str(int(row["epoch"])), "test",
+            _number(100 * row["test_acc"], ".2f") + ("*" if by_val else ""),
+            _number(data.get("kappa", row["test_kappa"]), ".3f"), _number(data.get("macro_f1"), ".3f"),
+            *_screening_cells(data), _number(speed, ".1f")]) + " |")
+    others = evaluation_rows([e for e in evals if all(e is not s for s in shown)])
+    external = any(e["data"].get("evaluated_on") for e in evals)
+    return "\n".join(lines + others + (["", VAL_FOOTNOTE] if any_by_val else [])
+                     + (["", OTHER_FOOTNOTE] if others else []) + (["", ON_FOOTNOTE] if external else [])) + "\n"
 
 
-def dataset_rows(evals: list[dict]) -> list[str]:
-    """A summary row per evaluation named after another dataset (evaluate.py --split all, or --data-root
-    another folder): `<run> on <dataset>`, under the runs' own rows."""
+def evaluation_rows(evals: list[dict]) -> list[str]:
+    """A summary row per evaluation that is not a run's own plain test split: `<run> on <dataset>` (evaluate.py
+    --split all or --data-root another dataset), `<run> (TTA)`, or the run's train, val or every split."""
     rows = []
-    for evaluation in sorted((e for e in evals if e["data"].get("evaluated_on")), key=lambda e: e["name"]):
+    for evaluation in sorted(evals, key=lambda e: e["name"]):
         data = evaluation["data"]
-        accuracy = data.get("accuracy")
+        accuracy, on = data.get("accuracy"), data.get("evaluated_on")
         rows.append(" | ".join([
-            f"| {data.get('run_name', evaluation['name'])} on {data['evaluated_on']}"
+            f"| {data.get('run_name', evaluation['name'])}" + (f" on {on}" if on else "")
             + (" (TTA)" if data.get("tta") else ""),
             display_name(str(data.get("arch", "-")).lower()), "yes" if data.get("pretrained") else "no",
-            str(data.get("epoch", "-")), _number(None if accuracy is None else 100 * accuracy, ".2f"), "-",
-            _number(data.get("kappa"), ".3f"), _number(data.get("macro_f1"), ".3f"), *_screening_cells(data),
-            "-"]) + " |")
+            str(data.get("epoch", "-")), "-", str(data.get("split", "test")),
+            _number(None if accuracy is None else 100 * accuracy, ".2f"), _number(data.get("kappa"), ".3f"),
+            _number(data.get("macro_f1"), ".3f"), *_screening_cells(data), "-"]) + " |")
     return rows
 
 
 def write_summary(runs: list[dict], evals: list[dict], out_dir) -> Path:
     path = Path(out_dir) / "summary.md"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(summary_table(runs, evals))
+    write_text_atomic(path, summary_table(runs, evals))
     return path
 
 
@@ -514,8 +567,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _output_folder(out) -> Path:
+def _output_folder(out, archs, evals: list[dict], cams: list[dict]) -> Path:
+    """--out, and every file plot.py will write there checked before any is written: a figure replaces only
+    a figure, the summary only a summary (runtime.check_output_file)."""
     out = check_output("--out", out, folder=True)
+    figures = [f"{kind}_{arch}.png" for arch in archs for kind in ("comparison", "loss", "kappa")]
+    figures += [f"{kind}_{e['name']}.png" for e in evals for kind in ("confusion", "roc", "reliability")]
+    figures += [f"cams_{c['name']}.png" for c in cams]
+    for name in figures:
+        check_output_file("--out", out / name, "a figure drawn by matplotlib")
+    check_output_file("--out", out / "summary.md", "a summary table of plot.py")
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -523,9 +584,11 @@ def _output_folder(out) -> Path:
 @exit_on_user_error
 def main(argv=None) -> None:
     args = parse_args(argv)
-    runs, evals = load_runs(args.logdir), load_evals(args.logdir)
-    out = _output_folder(args.out)
+    runs = load_runs(args.logdir)
+    evals = current(load_evals(args.logdir), runs, "evaluation")
+    cams = current(load_cams(args.logdir), runs, "set of Grad-CAMs")
     kept, skipped = pick_latest(runs)
+    out = _output_folder(args.out, {r["arch"] for r in kept}, evals, cams)
     if skipped:
         print("plot.py: figures show the newest run per model and pretraining; older runs skipped: "
               + ", ".join(r["name"] for r in skipped))
@@ -534,7 +597,7 @@ def main(argv=None) -> None:
         written.append(plot_comparison(arch, kept, out, evals))
         written += plot_curves(arch, kept, out)
     written += [path for e in evals for path in plot_evaluation(e, out)]
-    written += [plot_cam_sheet(p, out) for p in visible(args.logdir, "*_cams.npz")]
+    written += [plot_cam_sheet(c, out) for c in cams]
     written.append(write_summary(runs, evals, out))
     print(written[-1].read_text())
     for path in written:

@@ -225,6 +225,93 @@ def read_torch_file(flag: str, path: str | os.PathLike):
         raise UserError(f"cannot read {flag} {path}: truncated or not a PyTorch file ({type(err).__name__})") from None
 
 
+# --------------------------------------------------------------------------- what an output may replace
+# An output may replace only a file of its own kind (an evaluation run again rewrites its JSON), never an
+# input of the same call nor a file of another kind: a checkpoint, a run's log, a photo, a table the user
+# gave. Each kind is recognised by its content, not its name: a --out that names the run's log or a photo
+# is refused whatever its extension. The trial that asked for this lost a checkpoint (--out best.pt), a
+# photo (--out photo.png) and a training log (--predictions logs/<run>.csv), each replaced without a word.
+def _first_line(path: Path) -> str:
+    with open(path, "rb") as f:
+        return f.readline(4096).decode("utf-8-sig", errors="replace").strip()
+
+
+def _json_keys(path: Path) -> set:
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    return set(data) if isinstance(data, dict) else set()
+
+
+def _is_matplotlib_png(path: Path) -> bool:
+    # matplotlib writes a Software text chunk into every PNG it saves; a camera's or an editor's does not
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.format == "PNG" and str(img.info.get("Software", "")).startswith("Matplotlib")
+    except Exception:  # noqa: BLE001 (PIL raises many types on foreign bytes)
+        return False
+
+
+def _zip_members(path: Path) -> set:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return {Path(name).name for name in archive.namelist()}
+    except (OSError, zipfile.BadZipFile):
+        return set()
+
+
+OUTPUT_KINDS = {
+    "a metrics JSON of evaluate.py": lambda p: "confusion_matrix" in _json_keys(p),
+    "a predictions table of evaluate.py": lambda p: _first_line(p).startswith("image,grade,pred,"),
+    "a table of grades of evaluate.py --images": lambda p: _first_line(p).startswith("path,status,reason,"),
+    "a figure drawn by matplotlib": _is_matplotlib_png,
+    "a set of Grad-CAM samples of evaluate.py": lambda p: "cams.npy" in _zip_members(p),
+    "a summary table of plot.py": lambda p: _first_line(p).startswith("| run |"),
+    "a list of left-out photos of dataloader.py": lambda p: _first_line(p).startswith("split,name,reason,path"),
+    "a list of ungradable photos of data/prepare.py": lambda p: _first_line(p).startswith("path,reason"),
+    "a run's per-epoch log of train.py": lambda p: _first_line(p).startswith("epoch,train_loss,"),
+    "a run's summary of train.py": lambda p: {"run_name", "epochs_done", "config"} <= _json_keys(p),
+    "a checkpoint": lambda p: "data.pkl" in _zip_members(p),
+}
+
+
+def what_file_is(path: Path) -> str:
+    """The kind of an existing file, in words: one of OUTPUT_KINDS, or what describe_file sees."""
+    for kind, recognise in OUTPUT_KINDS.items():
+        if recognise(path):
+            return kind
+    return describe_file(path) or "a binary file"
+
+
+def same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(os.path.abspath(a)) == Path(os.path.abspath(b))
+
+
+def check_output_file(flag: str, path: str | os.PathLike, kind: str, inputs=()) -> Path:
+    """check_output for a file, and the rule above: refused, before any work and with nothing changed, when
+    `path` is one of `inputs` (the files this call reads) or an existing file that is not of `kind` (a key
+    of OUTPUT_KINDS)."""
+    path = check_output(flag, path, folder=False)
+    for source in inputs:
+        if same_file(path, Path(source)):
+            raise UserError(f"{flag} {path} is a file this command reads ({what_file_is(path)}); writing "
+                            f"{kind} there would replace it: give another path")
+    if path.exists() and not OUTPUT_KINDS[kind](path):
+        raise UserError(f"{flag} {path} already exists and is {what_file_is(path)}, not {kind}; nothing was "
+                        "written: give another path, or move that file away first")
+    return path
+
+
 # --------------------------------------------------------------------------- atomic writes
 TMP_SUFFIX = ".tmp"
 
@@ -318,7 +405,7 @@ def memory_format(channels_last: bool) -> torch.memory_format:
 # (no `module.` or `_orig_mod.` prefix), so torchvision.models.resnetXX(num_classes=5) loads it strictly.
 CHECKPOINT_KEYS = ("model", "arch", "num_classes", "image_size", "epoch", "best_metric", "best_epoch",
                    "best_metric_name", "config", "data", "pretrained_source", "optimizer", "scheduler", "scaler",
-                   "rng", "history")
+                   "rng", "history", "best_weights_digest")
 
 
 def make_checkpoint(state_dict: dict, config: dict, data: dict, epoch: int, history: list[dict], best: dict,
@@ -371,7 +458,21 @@ def run_summary(checkpoint: dict, environment: dict, checkpoint_dir: Path) -> di
             "epochs_done": checkpoint["epoch"], "best_epoch": checkpoint["best_epoch"],
             "best_metric": checkpoint["best_metric"], "best_metric_name": checkpoint["best_metric_name"],
             "best": history[checkpoint["best_epoch"] - 1], "last": history[-1],
+            "best_weights_digest": checkpoint.get("best_weights_digest"),
             "checkpoint_dir": str(checkpoint_dir)}
+
+
+def weights_digest(state_dict: dict) -> str:
+    """sha256 of a model's weights (names, dtypes, shapes and bytes, in name order): what ties an evaluation,
+    a set of Grad-CAMs or a logged best epoch to the one checkpoint it measured."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def is_pretrained(config: dict) -> bool:

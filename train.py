@@ -23,6 +23,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
@@ -37,7 +38,8 @@ from optimisation import Stopped
 from runtime import (AUC_COLUMN, EXIT_USER_ERROR, NUM_GRADES, Parser, UserError, autocast, check_output,
                      check_run_name, choose_device, copy_atomic, exit_on_user_error, is_pretrained, load_checkpoint,
                      make_checkpoint, memory_format, precision, remove_leftovers, restore_model, restore_training,
-                     run_summary, save_atomic, write_text_atomic)
+                     OUTPUT_KINDS, run_summary, save_atomic, weights_digest, what_file_is,
+                     write_text_atomic)
 
 # Flags a resumed run may change; any other flag would make it a different run.
 RESUME_OVERRIDES = {"epochs", "workers", "device", "compile", "resume", "quiet", "data_root", "image_dir",
@@ -368,6 +370,7 @@ class Progress:
     best_metric: float = -1.0
     best_epoch: int = 0
     epochs_done: int = 0
+    best_weights_digest: str | None = None  # runtime.weights_digest of best.pt: evaluations are matched to it
 
 
 def resume(args, checkpoint: dict, training: Training, log) -> Progress:
@@ -375,7 +378,8 @@ def resume(args, checkpoint: dict, training: Training, log) -> Progress:
     restore_model(training.raw_model, checkpoint, args.resume)
     restore_training(checkpoint, training.optimizer, training.scheduler, training.scaler)
     training.pretrained_source = checkpoint.get("pretrained_source")
-    done = Progress(checkpoint["history"], checkpoint["best_metric"], checkpoint["best_epoch"], checkpoint["epoch"])
+    done = Progress(checkpoint["history"], checkpoint["best_metric"], checkpoint["best_epoch"], checkpoint["epoch"],
+                    checkpoint.get("best_weights_digest"))
     log(f"resumed {args.resume} at epoch {done.epochs_done} (best {done.best_metric:.2%} at epoch {done.best_epoch})")
     return done
 
@@ -487,6 +491,7 @@ def claim_run(args, resumed: dict | None) -> RunLock:
     check_output("--checkpoint-dir", args.checkpoint_dir, folder=True)
     check_output("--log-dir", args.log_dir, folder=True)
     run_dir, log_dir = Path(args.checkpoint_dir) / args.run_name, Path(args.log_dir)
+    logs = run_logs(log_dir, args.run_name)
     lock = RunLock(run_dir)
     lock.acquire(args.run_name)
     earlier = [run_dir / name for name in ("last.pt", "best.pt") if (run_dir / name).is_file()]
@@ -496,13 +501,53 @@ def claim_run(args, resumed: dict | None) -> RunLock:
             raise UserError(f"{run_dir} already holds a checkpoint of run {args.run_name}; continue it with "
                             f"--resume {shlex.quote(str(run_dir / 'last.pt'))} (or --resume auto), start another "
                             "with --run-name NAME, or replace it with --overwrite")
-        for path in earlier + [log_dir / f"{args.run_name}.csv", log_dir / f"{args.run_name}.json"]:
+        for path in earlier + logs + evaluations_of(log_dir, args.run_name):
             path.unlink(missing_ok=True)
     for name in ("last.pt", "best.pt"):
         remove_leftovers(run_dir, name)
     for name in (f"{args.run_name}.csv", f"{args.run_name}.json"):
         remove_leftovers(log_dir, name)
     return lock
+
+
+def run_logs(log_dir: Path, run_name: str) -> list[Path]:
+    """<run>.csv and <run>.json, which --overwrite replaces; refused when either is another kind of file (a
+    table the user keeps in the log folder under the run's name), so that nothing else is lost."""
+    logs = [log_dir / f"{run_name}.csv", log_dir / f"{run_name}.json"]
+    for path, kind in zip(logs, ("a run's per-epoch log of train.py", "a run's summary of train.py")):
+        if path.is_file() and not OUTPUT_KINDS[kind](path):
+            raise UserError(f"{path} is {what_file_is(path)}, not {kind}; --overwrite replaces only a run's own "
+                            "files: move it away or choose another --run-name")
+    return logs
+
+
+def evaluations_of(log_dir: Path, run_name: str) -> list[Path]:
+    """The evaluations of an earlier run of this name in the log folder, which --overwrite removes with it:
+    every *_eval.json that names the run, the predictions files it lists there, and the run's Grad-CAM
+    samples. Left in place, plot.py would join their numbers to the new run's (it refuses them, as stale, but
+    the old numbers would still be all the folder holds)."""
+    found = []
+    for path in sorted(log_dir.glob("*_eval.json")) if log_dir.is_dir() else []:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(record, dict) or record.get("run_name") != run_name:
+            continue
+        found.append(path)
+        for key in ("predictions", "reference_predictions"):
+            listed = Path(record.get(key) or "")
+            if listed.name and listed.parent.resolve() == log_dir.resolve() and listed.is_file():
+                found.append(listed)
+    for path in sorted(log_dir.glob("*_cams.npz")) if log_dir.is_dir() else []:
+        try:
+            with np.load(path) as cams:
+                named = str(cams["run_name"]) if "run_name" in cams else None
+        except (OSError, ValueError, KeyError):
+            continue
+        if named == run_name or (named is None and path.name == f"{run_name}_cams.npz"):
+            found.append(path)
+    return found
 
 
 def agree_on_claim(args, resumed, env: Dist) -> RunLock | None:
@@ -603,10 +648,14 @@ def split_columns(split: str, result: dict) -> dict:
 
 
 def save_epoch(args, training: Training, done: Progress, data_info: dict, env_info: dict) -> None:
-    best = {"best_epoch": done.best_epoch, "best_metric": done.best_metric, "best_metric_name": select(training)}
+    state_dict = training.raw_model.state_dict()
+    if done.best_epoch == done.epochs_done:
+        done.best_weights_digest = weights_digest(state_dict)
+    best = {"best_epoch": done.best_epoch, "best_metric": done.best_metric, "best_metric_name": select(training),
+            "best_weights_digest": done.best_weights_digest}
     state = {"optimizer": training.optimizer.state_dict(), "scheduler": training.scheduler.state_dict(),
              "scaler": training.scaler.state_dict()}
-    checkpoint = make_checkpoint(training.raw_model.state_dict(), vars(args), data_info, done.epochs_done,
+    checkpoint = make_checkpoint(state_dict, vars(args), data_info, done.epochs_done,
                                  done.history, best, state, training.pretrained_source)
     write_epoch(checkpoint, done.best_epoch == done.epochs_done, Path(args.checkpoint_dir) / args.run_name,
                 Path(args.log_dir), env_info)

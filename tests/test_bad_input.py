@@ -39,6 +39,8 @@ def ws(tmp_path_factory):
     torch.save(mislabelled, ws / "mislabelled.pt")
     (ws / "raw").mkdir()
     Image.new("RGB", (60, 40), (150, 60, 20)).save(ws / "raw" / "10_left.jpeg")
+    (ws / "photos").mkdir()  # a folder of the user's photos, one named as evaluate.py names a figure
+    Image.new("RGB", (8, 8), (200, 40, 40)).save(ws / "photos" / "confusion_resnet18_scratch.png")
     (ws / "bad_logs").mkdir()
     (ws / "bad_logs" / "r.json").write_text('{"arch": "resnet18", oops')
     return {"ws": ws, "ckpt": ckpt, "common": common}
@@ -98,6 +100,26 @@ CASES = [
     (E, "{ckpt} --figure-dir {ws}/notes.txt", "--figure-dir {ws}/notes.txt is a file, expected a folder"),
     (E, "{ckpt} --images {ws}/raw --cam {ws}/notes.txt", "--cam {ws}/notes.txt is a file, expected a folder"),
     (E, "{ckpt} --images {ws}/nowhere.jpeg", "--images {ws}/nowhere.jpeg: no such file"),
+    # outputs never replace what the user has: an input of the same call, or a file of another kind
+    (E, "{ckpt} --out {ckpt}", "--out {ckpt} is a file this command reads (a checkpoint)"),
+    (E, "{ckpt} --predictions {ckpt}", "--predictions {ckpt} is a file this command reads (a checkpoint)"),
+    (E, "{ckpt} --out {ws}/logs/resnet18_scratch.csv", "--out {ws}/logs/resnet18_scratch.csv already exists and "
+                                                        "is a run's per-epoch log of train.py, not a metrics JSON"),
+    (E, "{ckpt} --out {ws}/logs/resnet18_scratch.json", "is a run's summary of train.py, not a metrics JSON"),
+    (E, "{ckpt} --predictions {ws}/logs/resnet18_scratch_eval.json", "is a metrics JSON of evaluate.py, not a "
+                                                                     "predictions table"),
+    (E, "{ckpt} --predictions {ws}/table.csv", "--predictions {ws}/table.csv already exists and is a CSV file"),
+    (E, "{ckpt} --out {ws}/photo.png", "--out {ws}/photo.png already exists and is a PNG image"),
+    (E, "{ckpt} --figure-dir {ws}/photos", "{ws}/photos/confusion_resnet18_scratch.png already exists and is a PNG "
+                                           "image, not a figure drawn by matplotlib"),
+    (E, "{ckpt} --images {ws}/raw --out {ws}/raw/10_left.jpeg", "--out {ws}/raw/10_left.jpeg is a file this command "
+                                                                "reads (a JPEG image)"),
+    (E, "{ckpt} --images {ws}/raw --out {ws}/photo.png", "--out {ws}/photo.png already exists and is a PNG image, "
+                                                         "not a table of grades"),
+    (E, "{ckpt} --images {ws}/raw --out {ws}/logs/resnet18_scratch_predictions.csv", "is a predictions table of "
+                                                                                     "evaluate.py, not a table of grades"),
+    (P, "{ws}/logs --out {ws}/photos", "{ws}/photos/confusion_resnet18_scratch.png already exists and is a PNG image"),
+    (T, "{T} --run-name table --log-dir {ws}", "{ws}/table.csv is a CSV file, not a run's per-epoch log of train.py"),
     (E, "{ckpt} --split val", "--split val: the run held out no validation part"),
     (E, "{ckpt} --data-root {ws}/nowhere", "--data-root {ws}/nowhere does not exist"),
     (E, "{ws}/mislabelled.pt", "says arch resnet34 but its weights do not fit resnet34"),
@@ -126,8 +148,8 @@ def test_the_corpus_is_large_and_covers_every_script():
 
 
 def snapshot(ws):
-    return {p: p.read_bytes() for folder in ("checkpoints", "logs") for p in sorted((ws / folder).rglob("*"))
-            if p.is_file()}
+    """Every file of the workspace: checkpoints, logs, photos and tables alike."""
+    return {p: p.read_bytes() for p in sorted(ws.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("script,arguments,expected", CASES, ids=[f"{s.__module__}:{a}" for s, a, _ in CASES])
@@ -143,3 +165,16 @@ def test_bad_input_is_one_sentence_exit_2_and_nothing_lost(ws, capsys, script, a
     assert expected.format(**fill) in err, err
     assert snapshot(ws["ws"]) == before
     assert not (ws["ws"] / "out").exists()  # prepare.py made no DST_DIR
+
+
+def test_the_data_cards_list_never_replaces_a_table(ws, capsys):
+    import dataloader
+
+    table = ws["ws"] / "table.csv"
+    before = table.read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        dataloader.main(["--data-root", str(ws["ws"] / "demo"), "--excluded-csv", str(table)])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert f"--excluded-csv {table} already exists and is a CSV file, not a list of left-out photos" in err
+    assert table.read_bytes() == before

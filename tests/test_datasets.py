@@ -443,7 +443,7 @@ def test_eyepacs_test_split_reports_each_leaderboard(ddr_run):
     base, best = ddr_run
     evaluate.main([str(best), "--data-root", str(base / "eyepacs"), "--split", "test", "--workers", "0", "--quiet",
                    "--figure-dir", str(base / "figures")])
-    result = json.loads((base / "logs" / "resnet18_scratch_on_eyepacs_eval.json").read_text())
+    result = json.loads((base / "logs" / "resnet18_scratch_on_eyepacs_test_eval.json").read_text())  # the split named
     solution = pd.read_csv(base / "eyepacs" / "retinopathy_solution.csv")
     assert result["num_images"] == len(solution) and result["evaluated_on"] == "eyepacs"
     assert {k: v["num_images"] for k, v in result["by_usage"].items()} == solution["Usage"].value_counts().to_dict()
@@ -463,11 +463,13 @@ def test_plot_shows_an_external_validation_as_its_own_row(ddr_run, tmp_path):
     run_row = next(line for line in summary if line.startswith("| resnet18_scratch |"))
     # the run's own row: its test split's kappa from the log, no evaluation on other data in its place
     assert f"| {history['test_kappa'][best_epoch - 1]:.3f} | - |" in run_row
-    for dataset in ("messidor2", "eyepacs"):
-        result = json.loads((base / "logs" / f"resnet18_scratch_on_{dataset}_eval.json").read_text())
+    for dataset, reported in (("messidor2", "messidor2"), ("eyepacs", "eyepacs_test")):
+        result = json.loads((base / "logs" / f"resnet18_scratch_on_{reported}_eval.json").read_text())
         row = next(line for line in summary if line.startswith(f"| resnet18_scratch on {dataset} |"))
-        assert f"| {100 * result['accuracy']:.2f} | - | {result['kappa']:.3f} | {result['macro_f1']:.3f} |" in row
-        assert (tmp_path / f"confusion_resnet18_scratch_on_{dataset}.png").is_file()
+        split = "all" if dataset == "messidor2" else "test"
+        assert (f"| - | {split} | {100 * result['accuracy']:.2f} | {result['kappa']:.3f} | {result['macro_f1']:.3f} |"
+                in row)
+        assert (tmp_path / f"confusion_resnet18_scratch_on_{reported}.png").is_file()
     assert any(line.startswith("Rows 'RUN on DATASET'") for line in summary)
 
 

@@ -105,14 +105,20 @@ def test_summary_reports_best_epoch_from_the_csv(logdir, tmp_path):
     runs, evals = plot.load_runs(logdir), plot.load_evals(logdir)
     text = plot.write_summary(runs, evals, tmp_path).read_text()
     rows = _summary_rows(text)
-    assert [r["run"] for r in rows] == ["resnet18_pretrained", "resnet18_scratch", "resnet50_scratch"]
+    assert [r["run"] for r in rows] == ["resnet18_pretrained", "resnet18_scratch", "resnet50_scratch",
+                                        "resnet50_scratch (TTA)"]
+    # one split and one way of predicting per row: the TTA evaluation is not joined to the log's accuracy
+    tta = rows.pop()
+    assert (tta["split"], tta["kappa"], tta["macro F1"], tta["accuracy (%)"]) == ("test", "0.200", "0.300", "70.00")
+    assert rows[2]["kappa"] == "0.100" and rows[2]["macro F1"] == "-"  # the log's, at the best (val) epoch 2
     for row in rows:
+        assert row["split"] == "test"
         spec = SAMPLE_RUNS[row["run"]]
         chooser = spec.get("val_acc", spec["test_acc"])
         best = chooser.index(max(chooser))
         assert row["best epoch"] == str(best + 1)
-        assert float(row["best test acc (%)"].rstrip("*")) == pytest.approx(100 * spec["test_acc"][best], abs=0.01)
-        assert row["best test acc (%)"].endswith("*") == ("val_acc" in spec)
+        assert float(row["accuracy (%)"].rstrip("*")) == pytest.approx(100 * spec["test_acc"][best], abs=0.01)
+        assert row["accuracy (%)"].endswith("*") == ("val_acc" in spec)
         assert float(row["images/s"]) == pytest.approx(sorted(spec["images_per_s"])[1], abs=0.5)
         assert row["model"] == {"resnet18": "ResNet18", "resnet50": "ResNet50"}[spec["arch"]]
         assert row["epochs"] == "3"
