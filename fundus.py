@@ -5,6 +5,8 @@ new photographs with the same functions, so a photo is prepared the same way in 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -277,70 +279,174 @@ def is_eye_crop(img: Image.Image, field: Field | None = None) -> bool:
 
 
 # --------------------------------------------------------------------------- gradability
-# The thresholds of assess(). Measured here (the figures below) on drawn photographs: orange, brown, pale,
-# red and dim fundi, vignetted, EyePACS-clipped, 4:3 fields with rounded and octagonal corners, a dark sector,
-# a timestamp, JPEG noise, the demo set's images at 128 and 512 px; and on what must fail: brightness x0.1,
-# white frames, blurred copies, a greyscale copy, a ruler and a person photographed in the dark, and the two
-# real photographs scikit-learn ships (a temple, china.jpg; an orange dahlia on dark leaves, flower.jpg).
-# No real fundus photograph could be measured here: on a real set, check the share it rejects.
-WHITE_LEVEL, MAX_WHITE = 230, 0.3  # share of the frame whose three channels all reach 230: 1.00 for a white
-#                                    frame, at most 0.01 for the fundi (the optic disc)
-MIN_PEAK = 40  # the frame's 99th percentile of its brightest channel: fundi 92-253 (dim ones 92-94), x0.1 22
-MIN_SPAN = 0.6  # field diameter over the frame's short side: fundi 0.88-1.62, the person 0.33
-MAX_SURROUND = 40  # 90th percentile of the brightest channel around the field: fundi 0-12, dahlia 92, temple 254
-MIN_ROUNDNESS = 0.8  # lit region over its fitted circle (IoU): fundi 0.99-1.0, a dark rim sector 0.91, dahlia 0.62
-RED_OVER_BLUE = 1.4  # median red over median blue in the field: fundi 2.4-10; EyePACS' channel means (0.320,
-#                      0.224, 0.161) give 2.0; greyscale 1.0, the ruler 1.08, the person 0.86
-MIN_VESSELS = 0.09  # vessel_contrast: sharp fundi 0.25-0.49, a Gaussian blur of 0.5 % of the width 0.11-0.36,
-#                     of 2 % 0.015-0.078 (noise of sigma 4 and JPEG added after the blur)
-# The measures are computed on the field resampled to this diameter, so that they do not depend on the
-# photo's resolution.
+# The check is a measured classifier (issue 19): a few measures of the field, each independent of the camera's
+# resolution and exposure, and two logistic regressions on them whose coefficients QUALITY_MODEL holds, fitted
+# by benchmarks/quality_check.py on public labelled photographs (DrimDB, EyePACS with EyeQ's labels) with the
+# held-out figures beside them. The measures are taken on the field's bounding square resampled to
+# QUALITY_SIDE, so a photo at 350, 760 or 1,500 px (or a 12 MP camera file) gives the same numbers.
 QUALITY_SIDE = 256
+QUALITY_MODEL = Path(__file__).with_name("quality_model.json")
+# Inside this share of the radius: the rim of every camera is vignetted, notched or cut by the frame.
+QUALITY_INNER = 0.9
+# Sharpness is judged patch by patch (16 px of 256: about two vessel widths near the disc) and read where the
+# photo is sharpest, the 90th percentile of the patches: a haemorrhage, an exudate cluster or fibrosis
+# covering half the field leaves the other half's vessels to judge by (the mean over patches fell with the
+# lesion's area on drawn eyes; the 90th percentile did not).
+SHARP_PATCH, SHARP_PERCENTILE = 16, 90
+# Pixels darker than this (of 255, brightest channel) carry no colour: JPEG noise on black.
+DARK = 12
 
 
 @dataclass(frozen=True)
 class Quality:
-    """assess()'s answer: gradable or not, why not (one phrase), the field found, and the measures."""
+    """assess()'s answer: gradable or not at the operating point, why not (one phrase), the score in [0, 1]
+    (how likely a grader could grade it), the field judged (frame_field where the photo shows none) and the
+    measures it rests on."""
 
     gradable: bool
     reason: str
     field: Field | None
     measures: dict
+    score: float = 1.0
 
 
-def assess(img: Image.Image, field: Field | None = None) -> Quality:
-    """Whether a photo is a gradable colour fundus photograph, and if not why: overexposed, too dark, no
-    round camera field, not a colour fundus photo, out of focus. A heuristic on the photo's own numbers
-    (see the constants above), not a trained quality model: it catches what is plainly not gradable."""
-    small_img, factor = reduced(img)
-    measures = exposure_measures(np.asarray(small_img))
+def frame_field(size: tuple[int, int]) -> Field:
+    """The whole frame as the field, for a photo that shows no camera field: a fundus photo that fills its
+    frame with retina is judged (and cropped) on that retina, padded with black to a square."""
+    w, h = size
+    return Field(w / 2, h / 2, max(w, h) / 2, 0.0, float(h), (w, h))
+
+
+def field_square(small: Image.Image, factor: int, field: Field) -> tuple[np.ndarray, np.ndarray]:
+    """The field's bounding square on the reduced copy, resampled to QUALITY_SIDE (RGB float), and where it
+    lies inside QUALITY_INNER of the radius, the photo (a frame cuts many fields) and a flat field stop."""
+    cx, cy, r = field.cx / factor, field.cy / factor, field.r / factor
+    left, top, side = round(cx - r), round(cy - r), max(1, round(2 * r))
+    box, shape = (left, top, left + side, top + side), (QUALITY_SIDE, QUALITY_SIDE)
+    pixels = np.asarray(small.crop(box).resize(shape, Image.BILINEAR, reducing_gap=2.0), np.float32)
+    in_photo = np.asarray(Image.new("L", small.size, 255).crop(box).resize(shape, Image.BILINEAR)) > 250
+    centre = (np.arange(QUALITY_SIDE) + 0.5) * (side / QUALITY_SIDE)  # on the reduced copy, from the box
+    rows = (centre + top) * factor
+    inside = (np.hypot(*np.meshgrid(centre - r, centre - r)) < QUALITY_INNER * r) & in_photo
+    return pixels, inside & ((rows >= field.top) & (rows <= field.bottom))[:, None]
+
+
+def sharpness(green: np.ndarray, inside: np.ndarray) -> float:
+    """Vessel-scale darkening (a difference of Gaussians, sigma 0.8 and 3 px at QUALITY_SIDE) over the local
+    brightness, its 95th percentile per patch, read at SHARP_PERCENTILE over the patches that lie in the field
+    (see SHARP_PATCH). Relative to the local brightness, so a dim or vignetted part counts as a bright one."""
+    band = ndimage.gaussian_filter(green, 3) - ndimage.gaussian_filter(green, 0.8)
+    relative = band / np.maximum(ndimage.gaussian_filter(green, 8), 4.0)
+    n = QUALITY_SIDE // SHARP_PATCH
+    tiles = relative.reshape(n, SHARP_PATCH, n, SHARP_PATCH).transpose(0, 2, 1, 3).reshape(n, n, -1)
+    covered = inside.reshape(n, SHARP_PATCH, n, SHARP_PATCH).mean(axis=(1, 3)) >= 0.9
+    if not covered.any():
+        return 0.0
+    return float(np.percentile(np.percentile(tiles[covered], 95, axis=1), SHARP_PERCENTILE))
+
+
+def quality_measures(small: Image.Image, factor: int, field: Field) -> dict:
+    """The measures the check judges by, of the field (see field_square): brightness (median brightest
+    channel, 0-1), white (share where all three channels exceed 200), contrast (green's 5-95 % range over
+    its median), colour_spread (how far the lit pixels' chromaticities scatter: a fundus is one hue, an outer
+    eye or a scene many), sharpness; and the field's median colour and span, for is_ben_graham_crop."""
+    pixels, inside = field_square(small, factor, field)
+    brightest, darkest = pixels.max(axis=2), pixels.min(axis=2)
+    lit = inside & (brightest > DARK)
+    if lit.sum() < 0.05 * inside.sum():
+        lit = inside
+    green = pixels[..., 1]
+    chroma = pixels[lit] / np.maximum(pixels[lit].sum(axis=1, keepdims=True), 1.0)
+    weight = brightest[lit] / max(float(brightest[lit].sum()), 1.0)
+    spread = float(np.sqrt((weight[:, None] * (chroma - weight @ chroma) ** 2).sum()))
+    median_green = max(float(np.median(green[lit])), 1.0)
+    red, green_median, blue = (float(np.median(pixels[..., c][lit])) for c in range(3))
+    return {"brightness": float(np.median(brightest[lit])) / 255, "white": float((darkest[lit] > 200).mean()),
+            "contrast": float(np.percentile(green[lit], 95) - np.percentile(green[lit], 5)) / median_green,
+            "colour_spread": spread, "sharpness": sharpness(green, inside),
+            "red": red, "green": green_median, "blue": blue,
+            "span": 2 * field.r / min(field.size)}
+
+
+# The exposure limits beyond which no model is asked: a frame whose field is black (median brightest channel
+# under 0.06 of full scale: DrimDB's black "bad" photos 0.01-0.05, its dimmest good one 0.2, EyePACS' 0.11) or
+# mostly white (DrimDB's washed-out "bad" photos 0.6-1.0 of the field over 200 in all channels, every good
+# photo of both sets under 0.02) shows nothing to grade, and no colour to call it a fundus or not by.
+MIN_BRIGHTNESS, MAX_WHITE = 0.06, 0.5
+# What each measure, when it is the one that pulls the score down most, says about the photo: (the
+# measure, whether it is too low) -> the reason.
+REASONS = {("sharpness", True): "out of focus", ("brightness", True): "too dark",
+           ("brightness", False): "overexposed", ("white", False): "overexposed",
+           ("contrast", True): "low contrast", ("contrast", False): "low contrast",
+           ("colour_spread", False): "low contrast", ("colour_spread", True): "low contrast"}
+NOT_FUNDUS = "not a fundus photo"
+
+
+@functools.lru_cache(maxsize=4)
+def quality_model(path: Path = QUALITY_MODEL) -> dict:
+    """The fitted coefficients (benchmarks/quality_check.py writes them; provenance inside)."""
+    return json.loads(Path(path).read_text())
+
+
+def model_inputs(part: dict, measures: dict) -> np.ndarray:
+    """The measures a model part reads, as it was fitted on them: log(value + offset), standardised."""
+    x = np.array([math.log(measures[name] + offset) for name, offset in zip(part["measures"], part["offsets"])])
+    return (x - np.array(part["mean"])) / np.array(part["scale"])
+
+
+def probability(part: dict, measures: dict) -> float:
+    """A logistic regression's probability of its positive class (fundus; gradable)."""
+    logit = float(model_inputs(part, measures) @ np.array(part["coef"]) + part["intercept"])
+    return 1 / (1 + math.exp(-max(-40.0, min(40.0, logit))))
+
+
+def weakest_measure(part: dict, measures: dict) -> tuple[str, bool]:
+    """The measure that lowers the gradability logit most against a typical gradable photo (the fit's mean
+    of its gradable class), and whether it lies below that photo's."""
+    z = model_inputs(part, measures)
+    pull = np.array(part["coef"]) * (z - np.array(part["gradable_mean"]))
+    i = int(np.argmin(pull))
+    return part["measures"][i], bool(z[i] < part["gradable_mean"][i])
+
+
+def score(model: dict, measures: dict) -> float:
+    """The quality score in [0, 1]: P(a fundus photo) x P(gradable, were it one)."""
+    return probability(model["fundus"], measures) * probability(model["gradable"], measures)
+
+
+def verdict(measures: dict, min_quality: float | None = None, model: dict | None = None) -> tuple[bool, str, float]:
+    """(gradable, reason, score) from the measures: refused under min_quality (default: the model's operating
+    point), the reason naming what is wrong. model: the fitted JSON (default QUALITY_MODEL)."""
+    model = model or quality_model()
+    min_quality = model["min_quality"] if min_quality is None else min_quality
+    quality = score(model, measures)
+    if quality >= min_quality:
+        return True, "", quality
+    tail = f" (quality {quality:.2f}, under {min_quality:.2f})"
+    if measures["brightness"] < MIN_BRIGHTNESS:
+        return False, f"too dark: the field's median is {measures['brightness']:.0%} of full scale" + tail, quality
     if measures["white"] > MAX_WHITE:
-        return Quality(False, f"overexposed: {measures['white']:.0%} of the photo is white", None, measures)
-    if measures["peak"] < MIN_PEAK:
-        return Quality(False, f"too dark: its brightest 1 % reaches {measures['peak']:.0f} of 255 "
-                              f"(at least {MIN_PEAK})", None, measures)
-    try:
-        field = field or find_field(img, (small_img, factor))
-    except NoField as err:
-        return Quality(False, f"no round camera field ({err})", None, measures)
-    measures.update(field_measures(img, small_img, factor, field))
-    rules = [
-        (measures["span"] >= MIN_SPAN, f"no round camera field: the lit disc spans {measures['span']:.0%} of the "
-                                       f"photo's height (a fundus field at least {MIN_SPAN:.0%})"),
-        (measures["surround"] <= MAX_SURROUND, f"no round camera field: around it the photo is not black "
-                                               f"({measures['surround']:.0f} of 255)"),
-        (measures["roundness"] >= MIN_ROUNDNESS, f"no round camera field: the lit region fills "
-                                                 f"{measures['roundness']:.0%} of a circle"),
-        (measures["red"] >= RED_OVER_BLUE * max(measures["blue"], 1.0) and measures["red"] >= measures["green"],
-         f"not a colour fundus photo: its field's median colour ({measures['red']:.0f}, {measures['green']:.0f}, "
-         f"{measures['blue']:.0f}) is not the retina's red-orange"),
-        (measures["vessels"] >= MIN_VESSELS, f"out of focus: vessel contrast {measures['vessels']:.3f} "
-                                             f"(at least {MIN_VESSELS})"),
-    ]
-    for ok, reason in rules:
-        if not ok:
-            return Quality(False, reason, field, measures)
-    return Quality(True, "", field, measures)
+        return False, f"overexposed: {measures['white']:.0%} of the field is white" + tail, quality
+    p_fundus = probability(model["fundus"], measures)
+    if p_fundus < model["fundus"]["threshold"]:
+        return False, f"{NOT_FUNDUS}: its colours and structure are not a retina's (P {p_fundus:.2f})" + tail, quality
+    name, low = weakest_measure(model["gradable"], measures)
+    return False, f"{REASONS[name, low]}: {name.replace('_', ' ')} {measures[name]:.3f}" + tail, quality
+
+
+def assess(img: Image.Image, field: Field | None = None, min_quality: float | None = None) -> Quality:
+    """Whether a photo is a gradable fundus photograph at the operating point min_quality, its score, and if
+    not why: too dark, overexposed, not a fundus photo, low contrast, out of focus. A photo with no camera
+    field (a frame-filling fundus, or no fundus at all) is judged as a whole (frame_field)."""
+    small_img, factor = reduced(img)
+    if field is None:
+        try:
+            field = find_field(img, (small_img, factor))
+        except NoField:
+            field = frame_field(img.size)
+    measures = quality_measures(small_img, factor, field)
+    gradable, reason, quality = verdict(measures, min_quality)
+    return Quality(gradable, reason, field, measures, quality)
 
 
 # Ben Graham's output (ben_graham: data/prepare.py --ben-graham) is not a photograph for assess() to judge:
@@ -357,46 +463,6 @@ def is_ben_graham_crop(img: Image.Image, quality: Quality) -> bool:
         return False
     grey = all(abs(m[channel] - 128) <= GRAHAM_GREY for channel in ("red", "green", "blue"))
     return grey and abs(m["span"] - GRAHAM_KEEP) <= 0.05
-
-
-def vessel_contrast(small: Image.Image, factor: int, eye: Field) -> float:
-    """How sharply the vessels stand out: the green channel (where vessels show best) of the field resampled
-    to QUALITY_SIDE across, band-passed at vessel scale (a difference of Gaussians, sigma 1 and 4 px), its
-    99th percentile of darkening inside 85 % of the radius, over the median green there. Blur flattens it."""
-    r, cx, cy = eye.r / factor, eye.cx / factor, eye.cy / factor
-    side = max(1, round(2 * r))
-    left, top = round(cx - r), round(cy - r)
-    square = small.crop((left, top, left + side, top + side)).resize((QUALITY_SIDE, QUALITY_SIDE), Image.BILINEAR,
-                                                                      reducing_gap=2.0)
-    green = np.asarray(square, np.float32)[..., 1]
-    band = ndimage.gaussian_filter(green, 4) - ndimage.gaussian_filter(green, 1)  # > 0 where darker than around
-    yy, xx = np.mgrid[:QUALITY_SIDE, :QUALITY_SIDE] + 0.5 - QUALITY_SIDE / 2
-    inner = np.hypot(xx, yy) < 0.85 * QUALITY_SIDE / 2
-    return float(np.percentile(band[inner], 99) / max(float(np.median(green[inner])), 1.0))
-
-
-def exposure_measures(small: np.ndarray) -> dict:
-    """Of the whole frame (the reduced RGB copy): the share that is white, and its brightest 1 %."""
-    r, g, b = small[..., 0], small[..., 1], small[..., 2]
-    darkest, brightest = np.minimum(np.minimum(r, g), b), np.maximum(np.maximum(r, g), b)
-    return {"white": float((darkest >= WHITE_LEVEL).mean()), "peak": float(np.percentile(brightest, 99))}
-
-
-def field_measures(img: Image.Image, small_img: Image.Image, factor: int, eye: Field) -> dict:
-    """Of the field: its span, the brightness around it, its roundness, its median colour and its vessels."""
-    small = np.asarray(small_img)
-    brightest = np.maximum(np.maximum(small[..., 0], small[..., 1]), small[..., 2])
-    h, w = brightest.shape
-    inside = eye.mask((w, h))
-    near = ndimage.binary_dilation(inside, iterations=max(2, round(0.04 * eye.r / factor)))
-    lit = eye.lit if eye.lit is not None and eye.lit.shape == (h, w) else bright_region(small_img)
-    yy, xx = np.ogrid[:h, :w]
-    inner = inside & (np.hypot((xx + 0.5) * factor - eye.cx, (yy + 0.5) * factor - eye.cy) < 0.9 * eye.r)
-    red, green, blue = (float(np.median(small[..., c][inner])) for c in range(3))
-    return {"span": 2 * eye.r / min(img.size),
-            "surround": float(np.percentile(brightest[~near], 90)) if (~near).mean() > 0.01 else 0.0,
-            "roundness": float((lit & inside).sum() / max(1, (lit | inside).sum())),
-            "red": red, "green": green, "blue": blue, "vessels": vessel_contrast(small_img, factor, eye)}
 
 
 # --------------------------------------------------------------------------- crop and normalise
