@@ -317,55 +317,61 @@ def frame_field(size: tuple[int, int]) -> Field:
     return Field(w / 2, h / 2, max(w, h) / 2, 0.0, float(h), (w, h))
 
 
-def field_square(small: Image.Image, factor: int, field: Field) -> tuple[np.ndarray, np.ndarray]:
-    """The field's bounding square on the reduced copy, resampled to QUALITY_SIDE (RGB float), and where it
-    lies inside QUALITY_INNER of the radius, the photo (a frame cuts many fields) and a flat field stop."""
+def field_square(small: Image.Image, factor: int, field: Field) -> tuple[list[np.ndarray], np.ndarray]:
+    """The field's bounding square on the reduced copy, resampled to QUALITY_SIDE ([red, green, blue] float
+    arrays), and where it lies inside QUALITY_INNER of the radius, the photo (a frame cuts many fields) and a
+    flat field stop."""
     cx, cy, r = field.cx / factor, field.cy / factor, field.r / factor
     left, top, side = round(cx - r), round(cy - r), max(1, round(2 * r))
     box, shape = (left, top, left + side, top + side), (QUALITY_SIDE, QUALITY_SIDE)
-    pixels = np.asarray(small.crop(box).resize(shape, Image.BILINEAR, reducing_gap=2.0), np.float32)
-    in_photo = np.asarray(Image.new("L", small.size, 255).crop(box).resize(shape, Image.BILINEAR)) > 250
+    square = small.crop(box).resize(shape, Image.BILINEAR, reducing_gap=2.0)
+    channels = [np.asarray(band, np.float32) for band in square.split()]
     centre = (np.arange(QUALITY_SIDE) + 0.5) * (side / QUALITY_SIDE)  # on the reduced copy, from the box
-    rows = (centre + top) * factor
-    inside = (np.hypot(*np.meshgrid(centre - r, centre - r)) < QUALITY_INNER * r) & in_photo
-    return pixels, inside & ((rows >= field.top) & (rows <= field.bottom))[:, None]
+    x, y = centre + left, centre + top
+    # within a pixel of the frame's edge, the resampling already mixed in the black that crop() padded with
+    rows = (y >= 1) & (y <= small.height - 1) & (y * factor >= field.top) & (y * factor <= field.bottom)
+    columns = (x >= 1) & (x <= small.width - 1)
+    inside = np.hypot(*np.meshgrid(x - cx, y - cy)) < QUALITY_INNER * r
+    return channels, inside & rows[:, None] & columns[None, :]
 
 
 def sharpness(green: np.ndarray, inside: np.ndarray) -> float:
     """Vessel-scale darkening (a difference of Gaussians, sigma 0.8 and 3 px at QUALITY_SIDE) over the local
     brightness, its 95th percentile per patch, read at SHARP_PERCENTILE over the patches that lie in the field
     (see SHARP_PATCH). Relative to the local brightness, so a dim or vignetted part counts as a bright one."""
-    band = ndimage.gaussian_filter(green, 3) - ndimage.gaussian_filter(green, 0.8)
-    relative = band / np.maximum(ndimage.gaussian_filter(green, 8), 4.0)
+    coarse = ndimage.gaussian_filter(green, 3)
+    band = coarse - ndimage.gaussian_filter(green, 0.8)
+    relative = band / np.maximum(ndimage.uniform_filter(coarse, 2 * SHARP_PATCH), 4.0)
     n = QUALITY_SIDE // SHARP_PATCH
-    tiles = relative.reshape(n, SHARP_PATCH, n, SHARP_PATCH).transpose(0, 2, 1, 3).reshape(n, n, -1)
     covered = inside.reshape(n, SHARP_PATCH, n, SHARP_PATCH).mean(axis=(1, 3)) >= 0.9
     if not covered.any():
         return 0.0
-    return float(np.percentile(np.percentile(tiles[covered], 95, axis=1), SHARP_PERCENTILE))
+    tiles = relative.reshape(n, SHARP_PATCH, n, SHARP_PATCH).transpose(0, 2, 1, 3)[covered].reshape(-1, SHARP_PATCH ** 2)
+    k = round(0.95 * (SHARP_PATCH ** 2 - 1))
+    return float(np.percentile(np.partition(tiles, k, axis=1)[:, k], SHARP_PERCENTILE))
 
 
 def quality_measures(small: Image.Image, factor: int, field: Field) -> dict:
     """The measures the check judges by, of the field (see field_square): brightness (median brightest
     channel, 0-1), white (share where all three channels exceed 200), contrast (green's 5-95 % range over
-    its median), colour_spread (how far the lit pixels' chromaticities scatter: a fundus is one hue, an outer
-    eye or a scene many), sharpness; and the field's median colour and span, for is_ben_graham_crop."""
-    pixels, inside = field_square(small, factor, field)
-    brightest, darkest = pixels.max(axis=2), pixels.min(axis=2)
+    its median), colour_spread (how far the lit pixels' chromaticities scatter, weighted by brightness: a
+    fundus is one hue, an outer eye or a scene many), sharpness; the field's median colour and its span
+    (for is_ben_graham_crop)."""
+    (red, green, blue), inside = field_square(small, factor, field)
+    brightest = np.maximum(np.maximum(red, green), blue)
     lit = inside & (brightest > DARK)
     if lit.sum() < 0.05 * inside.sum():
         lit = inside
-    green = pixels[..., 1]
-    chroma = pixels[lit] / np.maximum(pixels[lit].sum(axis=1, keepdims=True), 1.0)
-    weight = brightest[lit] / max(float(brightest[lit].sum()), 1.0)
-    spread = float(np.sqrt((weight[:, None] * (chroma - weight @ chroma) ** 2).sum()))
-    median_green = max(float(np.median(green[lit])), 1.0)
-    red, green_median, blue = (float(np.median(pixels[..., c][lit])) for c in range(3))
-    return {"brightness": float(np.median(brightest[lit])) / 255, "white": float((darkest[lit] > 200).mean()),
-            "contrast": float(np.percentile(green[lit], 95) - np.percentile(green[lit], 5)) / median_green,
-            "colour_spread": spread, "sharpness": sharpness(green, inside),
-            "red": red, "green": green_median, "blue": blue,
-            "span": 2 * field.r / min(field.size)}
+    r, g, b, top = red[lit], green[lit], blue[lit], brightest[lit]
+    total = np.maximum(r + g + b, 1.0)
+    weight = top / max(float(top.sum()), 1.0)
+    spread = sum(float(weight @ (c / total - weight @ (c / total)) ** 2) for c in (r, g, b))
+    low, median_green, high = np.percentile(g, [5, 50, 95])
+    return {"brightness": float(np.median(top)) / 255,
+            "white": float((np.minimum(np.minimum(r, g), b) > 200).mean()),
+            "contrast": float(high - low) / max(float(median_green), 1.0), "colour_spread": math.sqrt(spread),
+            "sharpness": sharpness(green, inside), "red": float(np.median(r)), "green": float(median_green),
+            "blue": float(np.median(b)), "span": 2 * field.r / min(field.size)}
 
 
 # The exposure limits beyond which no model is asked: a frame whose field is black (median brightest channel
@@ -377,8 +383,7 @@ MIN_BRIGHTNESS, MAX_WHITE = 0.06, 0.5
 # measure, whether it is too low) -> the reason.
 REASONS = {("sharpness", True): "out of focus", ("brightness", True): "too dark",
            ("brightness", False): "overexposed", ("white", False): "overexposed",
-           ("contrast", True): "low contrast", ("contrast", False): "low contrast",
-           ("colour_spread", False): "low contrast", ("colour_spread", True): "low contrast"}
+           ("contrast", True): "low contrast", ("contrast", False): "uneven illumination"}
 NOT_FUNDUS = "not a fundus photo"
 
 
@@ -410,7 +415,10 @@ def weakest_measure(part: dict, measures: dict) -> tuple[str, bool]:
 
 
 def score(model: dict, measures: dict) -> float:
-    """The quality score in [0, 1]: P(a fundus photo) x P(gradable, were it one)."""
+    """The quality score in [0, 1]: P(a fundus photo) x P(gradable, were it one); 0 beyond the exposure
+    limits (MIN_BRIGHTNESS, MAX_WHITE), where there is nothing to grade."""
+    if measures["brightness"] < MIN_BRIGHTNESS or measures["white"] > MAX_WHITE:
+        return 0.0
     return probability(model["fundus"], measures) * probability(model["gradable"], measures)
 
 
@@ -431,7 +439,7 @@ def verdict(measures: dict, min_quality: float | None = None, model: dict | None
     if p_fundus < model["fundus"]["threshold"]:
         return False, f"{NOT_FUNDUS}: its colours and structure are not a retina's (P {p_fundus:.2f})" + tail, quality
     name, low = weakest_measure(model["gradable"], measures)
-    return False, f"{REASONS[name, low]}: {name.replace('_', ' ')} {measures[name]:.3f}" + tail, quality
+    return False, f"{REASONS.get((name, low), 'low quality')}: {name.replace('_', ' ')} {measures[name]:.3f}" + tail, quality
 
 
 def assess(img: Image.Image, field: Field | None = None, min_quality: float | None = None) -> Quality:
