@@ -293,6 +293,10 @@ QUALITY_INNER = 0.9
 # covering half the field leaves the other half's vessels to judge by (the mean over patches fell with the
 # lesion's area on drawn eyes; the 90th percentile did not).
 SHARP_PATCH, SHARP_PERCENTILE = 16, 90
+SHARP_SIGMAS = (1.2, 3.5)
+# Colour is read on blocks of this many pixels (of QUALITY_SIDE), where a block reaches this share of the
+# field's bright (95th percentile) level: the chromaticity of a dark, vignetted rim is JPEG chroma noise.
+COLOUR_BLOCK, WELL_LIT = 4, 0.4
 # Pixels darker than this (of 255, brightest channel) carry no colour: JPEG noise on black.
 DARK = 12
 
@@ -339,8 +343,8 @@ def sharpness(green: np.ndarray, inside: np.ndarray) -> float:
     """Vessel-scale darkening (a difference of Gaussians, sigma 0.8 and 3 px at QUALITY_SIDE) over the local
     brightness, its 95th percentile per patch, read at SHARP_PERCENTILE over the patches that lie in the field
     (see SHARP_PATCH). Relative to the local brightness, so a dim or vignetted part counts as a bright one."""
-    coarse = ndimage.gaussian_filter(green, 3)
-    band = coarse - ndimage.gaussian_filter(green, 0.8)
+    coarse = ndimage.gaussian_filter(green, SHARP_SIGMAS[1])
+    band = coarse - ndimage.gaussian_filter(green, SHARP_SIGMAS[0])
     relative = band / np.maximum(ndimage.uniform_filter(coarse, 2 * SHARP_PATCH), 4.0)
     n = QUALITY_SIDE // SHARP_PATCH
     covered = inside.reshape(n, SHARP_PATCH, n, SHARP_PATCH).mean(axis=(1, 3)) >= 0.9
@@ -349,6 +353,22 @@ def sharpness(green: np.ndarray, inside: np.ndarray) -> float:
     tiles = relative.reshape(n, SHARP_PATCH, n, SHARP_PATCH).transpose(0, 2, 1, 3)[covered].reshape(-1, SHARP_PATCH ** 2)
     k = round(0.95 * (SHARP_PATCH ** 2 - 1))
     return float(np.percentile(np.partition(tiles, k, axis=1)[:, k], SHARP_PERCENTILE))
+
+
+def colour_spread(channels: list[np.ndarray], brightest: np.ndarray, lit: np.ndarray) -> float:
+    """How far the field's chromaticities scatter (weighted by brightness): a fundus is one hue, an outer eye
+    (iris, sclera, skin, lashes) or a scene many. Read on COLOUR_BLOCK-pixel averages, where JPEG's chroma
+    noise has averaged out and an iris or an eyelid has not, and only where well lit (see WELL_LIT)."""
+    n = QUALITY_SIDE // COLOUR_BLOCK
+    block = lambda a: a.reshape(n, COLOUR_BLOCK, n, COLOUR_BLOCK).mean(axis=(1, 3))  # noqa: E731
+    covered = block(lit.astype(np.float32)) >= 0.9
+    top = block(brightest)
+    keep = covered & (top >= WELL_LIT * np.percentile(top[covered], 95)) if covered.any() else covered
+    if keep.sum() < 4:
+        return 0.0
+    r, g, b = (block(c)[keep] for c in channels)
+    total, weight = np.maximum(r + g + b, 1.0), top[keep] / top[keep].sum()
+    return math.sqrt(sum(float(weight @ (c / total - weight @ (c / total)) ** 2) for c in (r, g, b)))
 
 
 def quality_measures(small: Image.Image, factor: int, field: Field) -> dict:
@@ -363,22 +383,30 @@ def quality_measures(small: Image.Image, factor: int, field: Field) -> dict:
     if lit.sum() < 0.05 * inside.sum():
         lit = inside
     r, g, b, top = red[lit], green[lit], blue[lit], brightest[lit]
-    total = np.maximum(r + g + b, 1.0)
-    weight = top / max(float(top.sum()), 1.0)
-    spread = sum(float(weight @ (c / total - weight @ (c / total)) ** 2) for c in (r, g, b))
     low, median_green, high = np.percentile(g, [5, 50, 95])
     return {"brightness": float(np.median(top)) / 255,
+            "saturation": float(np.median((top - np.minimum(np.minimum(r, g), b)) / np.maximum(top, 1.0))),
             "white": float((np.minimum(np.minimum(r, g), b) > 200).mean()),
-            "contrast": float(high - low) / max(float(median_green), 1.0), "colour_spread": math.sqrt(spread),
+            "contrast": float(high - low) / max(float(median_green), 1.0),
+            "colour_spread": colour_spread((red, green, blue), brightest, lit),
             "sharpness": sharpness(green, inside), "red": float(np.median(r)), "green": float(median_green),
             "blue": float(np.median(b)), "span": 2 * field.r / min(field.size)}
 
 
-# The exposure limits beyond which no model is asked: a frame whose field is black (median brightest channel
-# under 0.06 of full scale: DrimDB's black "bad" photos 0.01-0.05, its dimmest good one 0.2, EyePACS' 0.11) or
-# mostly white (DrimDB's washed-out "bad" photos 0.6-1.0 of the field over 200 in all channels, every good
-# photo of both sets under 0.02) shows nothing to grade, and no colour to call it a fundus or not by.
-MIN_BRIGHTNESS, MAX_WHITE = 0.06, 0.5
+# The limits beyond which no model is asked (the score is 0): a field this dark (median brightest channel,
+# of full scale: DrimDB's black "bad" photos 0.01-0.05; every good photo of DrimDB and EyeQ 0.26 or more,
+# the dimmest EyePACS photo 0.19) or this white (share of the field over 200 in all three channels: DrimDB's
+# washed-out "bad" photos 0.87-0.89, every good photo under 0.02) shows nothing to grade, and a grey one
+# (median saturation: DrimDB's grey "bad" photos and greyscale copies 0, every colour fundus photo of both
+# sets 0.11 or more, a bluish EyePACS eye the lowest) is no colour photo for a grader trained on colour.
+MIN_BRIGHTNESS, MAX_WHITE, MIN_SATURATION = 0.12, 0.5, 0.05
+# A camera's field spans most of its frame: 0.89-1.58 of the short side on every fundus photo of DrimDB and
+# EyePACS, so a lit region under two thirds of the smallest is something else (a temple's sky, a face).
+MIN_SPAN = 0.6
+# A photo refused for its sharpness or contrast whose field is this dim (median brightest channel, of full
+# scale) is called too dark: the darkness is what hid the detail. Every good photo of DrimDB and EyeQ is
+# brighter (0.26-0.87); brightness is no input to the score, so a dim photo with sharp vessels is graded.
+DIM = 0.25
 # What each measure, when it is the one that pulls the score down most, says about the photo: (the
 # measure, whether it is too low) -> the reason.
 REASONS = {("sharpness", True): "out of focus", ("brightness", True): "too dark",
@@ -414,31 +442,49 @@ def weakest_measure(part: dict, measures: dict) -> tuple[str, bool]:
     return part["measures"][i], bool(z[i] < part["gradable_mean"][i])
 
 
-def score(model: dict, measures: dict) -> float:
-    """The quality score in [0, 1]: P(a fundus photo) x P(gradable, were it one); 0 beyond the exposure
-    limits (MIN_BRIGHTNESS, MAX_WHITE), where there is nothing to grade."""
-    if measures["brightness"] < MIN_BRIGHTNESS or measures["white"] > MAX_WHITE:
-        return 0.0
-    return probability(model["fundus"], measures) * probability(model["gradable"], measures)
+def exposure_fault(measures: dict) -> str:
+    """Why the photo shows nothing to grade, beyond the limits above; "" when it is within them."""
+    if measures["brightness"] < MIN_BRIGHTNESS:
+        return f"too dark: the field's median is {measures['brightness']:.0%} of full scale"
+    if measures["white"] > MAX_WHITE:
+        return f"overexposed: {measures['white']:.0%} of the field is white"
+    if measures["saturation"] < MIN_SATURATION:
+        return f"not a colour photo: the field's median saturation is {measures['saturation']:.2f}"
+    return ""
+
+
+def not_fundus(model: dict, measures: dict) -> str:
+    """Why the photo is not a fundus photo (the fitted fundus part, or a lit region far smaller than any
+    camera's field); "" when it may be one."""
+    if measures["span"] < MIN_SPAN:
+        return f"{NOT_FUNDUS}: its lit region spans {measures['span']:.0%} of the photo's short side"
+    p_fundus = probability(model["fundus"], measures)
+    if p_fundus < model["fundus"]["threshold"]:
+        return f"{NOT_FUNDUS}: its colours and structure are not a retina's (P(fundus) {p_fundus:.3f})"
+    return ""
 
 
 def verdict(measures: dict, min_quality: float | None = None, model: dict | None = None) -> tuple[bool, str, float]:
-    """(gradable, reason, score) from the measures: refused under min_quality (default: the model's operating
-    point), the reason naming what is wrong. model: the fitted JSON (default QUALITY_MODEL)."""
+    """(gradable, reason, score). The score is P(a fundus photo) x P(gradable, were it one), from the fitted
+    parts, and 0 beyond the exposure limits or for what is plainly not a fundus photo; refused under
+    min_quality (default: the model's operating point), the reason naming what is wrong. model: the fitted
+    JSON (default QUALITY_MODEL)."""
     model = model or quality_model()
     min_quality = model["min_quality"] if min_quality is None else min_quality
-    quality = score(model, measures)
+    fault = exposure_fault(measures) or not_fundus(model, measures)
+    p_fundus = probability(model["fundus"], measures)
+    quality = 0.0 if fault else p_fundus * probability(model["gradable"], measures)
     if quality >= min_quality:
         return True, "", quality
     tail = f" (quality {quality:.2f}, under {min_quality:.2f})"
-    if measures["brightness"] < MIN_BRIGHTNESS:
-        return False, f"too dark: the field's median is {measures['brightness']:.0%} of full scale" + tail, quality
-    if measures["white"] > MAX_WHITE:
-        return False, f"overexposed: {measures['white']:.0%} of the field is white" + tail, quality
-    p_fundus = probability(model["fundus"], measures)
-    if p_fundus < model["fundus"]["threshold"]:
-        return False, f"{NOT_FUNDUS}: its colours and structure are not a retina's (P {p_fundus:.2f})" + tail, quality
+    if fault:
+        return False, fault + tail, quality
+    if p_fundus < 0.5:  # more likely not a fundus, but above the threshold where it is called none
+        return False, f"unlike a retina: colour spread {measures['colour_spread']:.3f}, P(fundus) {p_fundus:.2f}" \
+            + tail, quality
     name, low = weakest_measure(model["gradable"], measures)
+    if measures["brightness"] < DIM and name in ("sharpness", "contrast"):
+        return False, f"too dark: brightness {measures['brightness']:.3f}, {name} {measures[name]:.3f}" + tail, quality
     return False, f"{REASONS.get((name, low), 'low quality')}: {name.replace('_', ' ')} {measures[name]:.3f}" + tail, quality
 
 

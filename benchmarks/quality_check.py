@@ -33,12 +33,12 @@ import fundus  # noqa: E402
 # The measures each part reads: few, and each one a ratio or a share (no pixel counts, no camera's colour),
 # so that a model fitted on two cameras carries to others. log(value + offset) keeps zeros finite.
 FUNDUS_MEASURES = {"colour_spread": 0.01, "contrast": 0.05, "sharpness": 0.01}
-GRADABLE_MEASURES = {"sharpness": 0.01, "brightness": 0.02, "contrast": 0.05, "white": 0.01}
+GRADABLE_MEASURES = {"sharpness": 0.01, "contrast": 0.05, "white": 0.01}
 # The operating point, chosen on the photos fitted (never the ones measured): the highest score threshold
 # that refuses at most this share of the gradable photos there; and "not a fundus photo" only under half the
 # lowest P(fundus) of any fundus photo fitted (a fundus called no fundus is the worst wrong reason: without
 # the margin, one DrimDB bad photo of 215 was, held out).
-REFUSE_GOOD, NOT_FUNDUS_MARGIN = 0.01, 0.5
+REFUSE_GOOD, NOT_FUNDUS_MARGIN = 0.02, 0.5
 FOLDS, SEED = 5, 0
 
 
@@ -114,7 +114,7 @@ def fit(table: pd.DataFrame, fundus_part: dict | None = None) -> dict:
     rated = table[table["label"].isin(["good", "usable", "bad", "reject"])]
     gradable = rated["label"].isin(["good", "usable"]).to_numpy()
     model["gradable"] = fit_part(rated, GRADABLE_MEASURES, gradable)
-    scores = np.array([fundus.score(model, m) for m in rated.to_dict("records")])
+    scores = np.array([fundus.verdict(m, 0.0, model)[2] for m in rated.to_dict("records")])
     model["min_quality"] = float(np.quantile(scores[gradable], REFUSE_GOOD))
     return model
 
