@@ -356,7 +356,7 @@ def sharpness(green: np.ndarray, inside: np.ndarray) -> float:
 
 
 def colour_spread(channels: list[np.ndarray], brightest: np.ndarray, lit: np.ndarray) -> float:
-    """How far the field's chromaticities scatter (weighted by brightness): a fundus is one hue, an outer eye
+    """How far the field's chromaticities scatter (median absolute deviation): a fundus is one hue, an outer eye
     (iris, sclera, skin, lashes) or a scene many. Read on COLOUR_BLOCK-pixel averages, where JPEG's chroma
     noise has averaged out and an iris or an eyelid has not, and only where well lit (see WELL_LIT)."""
     n = QUALITY_SIDE // COLOUR_BLOCK
@@ -367,8 +367,10 @@ def colour_spread(channels: list[np.ndarray], brightest: np.ndarray, lit: np.nda
     if keep.sum() < 4:
         return 0.0
     r, g, b = (block(c)[keep] for c in channels)
-    total, weight = np.maximum(r + g + b, 1.0), top[keep] / top[keep].sum()
-    return math.sqrt(sum(float(weight @ (c / total - weight @ (c / total)) ** 2) for c in (r, g, b)))
+    total = np.maximum(r + g + b, 1.0)
+    # the median absolute deviation: a haemorrhage, exudates or fibrosis over a quarter of the field leave
+    # the median colour and its spread as they were, where a standard deviation grew with the lesion
+    return math.sqrt(sum(float(np.median(np.abs(c / total - np.median(c / total)))) ** 2 for c in (r, g, b)))
 
 
 def quality_measures(small: Image.Image, factor: int, field: Field) -> dict:
