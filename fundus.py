@@ -51,13 +51,42 @@ GRAHAM_KEEP = 0.9
 
 
 # --------------------------------------------------------------------------- reading photos
+def png_bits(img: Image.Image) -> tuple[int, int | None]:
+    """(bit depth, significant bits) of a PNG file: its IHDR's depth and its sBIT chunk's largest value
+    (None without one), read from the chunks before the pixel data; (8, None) for anything else. Pillow
+    keeps neither, and a 16-bit camera file with 12 significant bits holds values under 4,096."""
+    name = getattr(img, "filename", None)
+    if img.format != "PNG" or not name:
+        return 8, None
+    with open(name, "rb") as f:
+        head = f.read(1 << 16)
+    depth, significant, at = head[24] if len(head) > 24 else 8, None, 8
+    while at + 8 <= len(head):
+        length, kind = int.from_bytes(head[at:at + 4], "big"), head[at + 4:at + 8]
+        if kind == b"sBIT" and length:
+            significant = max(head[at + 8:at + 8 + length])
+        if kind in (b"IDAT", b"IEND"):
+            break
+        at += 12 + length
+    return depth, significant
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB for any mode: 16-bit greyscale scaled to 8 bits, transparency composited onto black
-    (a transparent PNG background may hold any colour, often white, that would pass as eye)."""
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        values = np.asarray(img, dtype=np.float32)
-        peak = max(float(values.max()), 1.0)
-        img = Image.fromarray(np.clip(values * (255 / peak), 0, 255).astype(np.uint8))
+    """RGB for any mode: 16-bit images scaled by their bit depth (a PNG's sBIT where it has one, else 16
+    bits), never by their own peak, so a dim photo stays dim; transparency composited onto black (a
+    transparent PNG background may hold any colour, often white, that would pass as eye)."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        depth, significant = png_bits(img)
+        full = 2 ** (significant or 16) - 1
+        img = Image.fromarray(np.clip(np.asarray(img, np.float32) * (255 / full), 0, 255).astype(np.uint8))
+    elif img.mode == "F":  # floating-point TIFFs hold 0-1 or 0-255
+        values = np.asarray(img, np.float32)
+        img = Image.fromarray(np.clip(values * (255 if values.max() <= 1 else 1), 0, 255).astype(np.uint8))
+    elif img.mode == "RGB" and img.format == "PNG":
+        depth, significant = png_bits(img)
+        if depth == 16 and significant and significant < 16:  # Pillow kept the high byte of each value
+            scale = 2 ** (16 - significant)
+            img = Image.fromarray(np.clip(np.asarray(img, np.uint16) * scale, 0, 255).astype(np.uint8))
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
@@ -293,7 +322,7 @@ QUALITY_INNER = 0.9
 # covering half the field leaves the other half's vessels to judge by (the mean over patches fell with the
 # lesion's area on drawn eyes; the 90th percentile did not).
 SHARP_PATCH, SHARP_PERCENTILE = 16, 90
-SHARP_SIGMAS = (1.2, 3.5)
+SHARP_SIGMAS = (1.6, 4.0)
 # Colour is read on blocks of this many pixels (of QUALITY_SIDE), where a block reaches this share of the
 # field's bright (95th percentile) level: the chromaticity of a dark, vignetted rim is JPEG chroma noise.
 COLOUR_BLOCK, WELL_LIT = 4, 0.4
@@ -321,21 +350,21 @@ def frame_field(size: tuple[int, int]) -> Field:
     return Field(w / 2, h / 2, max(w, h) / 2, 0.0, float(h), (w, h))
 
 
-def field_square(small: Image.Image, factor: int, field: Field) -> tuple[list[np.ndarray], np.ndarray]:
-    """The field's bounding square on the reduced copy, resampled to QUALITY_SIDE ([red, green, blue] float
+def field_square(photo: Image.Image, field: Field) -> tuple[list[np.ndarray], np.ndarray]:
+    """The field's bounding square, resampled from the photo itself to QUALITY_SIDE ([red, green, blue] float
     arrays), and where it lies inside QUALITY_INNER of the radius, the photo (a frame cuts many fields) and a
-    flat field stop."""
-    cx, cy, r = field.cx / factor, field.cy / factor, field.r / factor
-    left, top, side = round(cx - r), round(cy - r), max(1, round(2 * r))
-    box, shape = (left, top, left + side, top + side), (QUALITY_SIDE, QUALITY_SIDE)
-    square = small.crop(box).resize(shape, Image.BILINEAR, reducing_gap=2.0)
+    flat field stop. One antialiased resampling from the photo, whatever its size: a reduced copy in between
+    left a 350 px photo sharper than its 760 px twin."""
+    left, top, side = round(field.cx - field.r), round(field.cy - field.r), max(1, round(2 * field.r))
+    square = photo.crop((left, top, left + side, top + side)).resize((QUALITY_SIDE, QUALITY_SIDE), Image.LANCZOS, reducing_gap=2.0)
     channels = [np.asarray(band, np.float32) for band in square.split()]
-    centre = (np.arange(QUALITY_SIDE) + 0.5) * (side / QUALITY_SIDE)  # on the reduced copy, from the box
+    centre = (np.arange(QUALITY_SIDE) + 0.5) * (side / QUALITY_SIDE)
     x, y = centre + left, centre + top
     # within a pixel of the frame's edge, the resampling already mixed in the black that crop() padded with
-    rows = (y >= 1) & (y <= small.height - 1) & (y * factor >= field.top) & (y * factor <= field.bottom)
-    columns = (x >= 1) & (x <= small.width - 1)
-    inside = np.hypot(*np.meshgrid(x - cx, y - cy)) < QUALITY_INNER * r
+    margin = side / QUALITY_SIDE
+    rows = (y >= margin) & (y <= photo.height - margin) & (y >= field.top) & (y <= field.bottom)
+    columns = (x >= margin) & (x <= photo.width - margin)
+    inside = np.hypot(*np.meshgrid(x - field.cx, y - field.cy)) < QUALITY_INNER * field.r
     return channels, inside & rows[:, None] & columns[None, :]
 
 
@@ -373,13 +402,13 @@ def colour_spread(channels: list[np.ndarray], brightest: np.ndarray, lit: np.nda
     return math.sqrt(sum(float(np.median(np.abs(c / total - np.median(c / total)))) ** 2 for c in (r, g, b)))
 
 
-def quality_measures(small: Image.Image, factor: int, field: Field) -> dict:
+def quality_measures(photo: Image.Image, field: Field) -> dict:
     """The measures the check judges by, of the field (see field_square): brightness (median brightest
     channel, 0-1), white (share where all three channels exceed 200), contrast (green's 5-95 % range over
     its median), colour_spread (how far the lit pixels' chromaticities scatter, weighted by brightness: a
     fundus is one hue, an outer eye or a scene many), sharpness; the field's median colour and its span
     (for is_ben_graham_crop)."""
-    (red, green, blue), inside = field_square(small, factor, field)
+    (red, green, blue), inside = field_square(to_rgb(photo), field)
     brightest = np.maximum(np.maximum(red, green), blue)
     lit = inside & (brightest > DARK)
     if lit.sum() < 0.05 * inside.sum():
@@ -400,8 +429,12 @@ def quality_measures(small: Image.Image, factor: int, field: Field) -> dict:
 # the dimmest EyePACS photo 0.19) or this white (share of the field over 200 in all three channels: DrimDB's
 # washed-out "bad" photos 0.87-0.89, every good photo under 0.02) shows nothing to grade, and a grey one
 # (median saturation: DrimDB's grey "bad" photos and greyscale copies 0, every colour fundus photo of both
-# sets 0.11 or more, a bluish EyePACS eye the lowest) is no colour photo for a grader trained on colour.
-MIN_BRIGHTNESS, MAX_WHITE, MIN_SATURATION = 0.12, 0.5, 0.05
+# sets 0.11 or more, bluish EyePACS eyes the lowest; two thirds of that) is no colour photo for a grader
+# trained on colour.
+MIN_BRIGHTNESS, MAX_WHITE, MIN_SATURATION = 0.12, 0.5, 0.075
+# And a field whose sharpest patches are this soft is out of focus whatever else it shows (half the softest
+# gradable photo's sharpness: DrimDB good 0.050-0.17, EyeQ good 0.071-0.12; DrimDB's blurred "bad" 0.002-0.05).
+MIN_SHARPNESS = 0.025
 # A camera's field spans most of its frame: 0.89-1.58 of the short side on every fundus photo of DrimDB and
 # EyePACS, so a lit region under two thirds of the smallest is something else (a temple's sky, a face).
 MIN_SPAN = 0.6
@@ -415,6 +448,7 @@ REASONS = {("sharpness", True): "out of focus", ("brightness", True): "too dark"
            ("brightness", False): "overexposed", ("white", False): "overexposed",
            ("contrast", True): "low contrast", ("contrast", False): "uneven illumination"}
 NOT_FUNDUS = "not a fundus photo"
+MAX_Z = 3.0  # standard deviations (see model_inputs)
 
 
 @functools.lru_cache(maxsize=4)
@@ -424,9 +458,11 @@ def quality_model(path: Path = QUALITY_MODEL) -> dict:
 
 
 def model_inputs(part: dict, measures: dict) -> np.ndarray:
-    """The measures a model part reads, as it was fitted on them: log(value + offset), standardised."""
+    """The measures a model part reads, as it was fitted on them: log(value + offset), standardised, and
+    held within MAX_Z of the fitted photos' mean: a flat field's contrast of 0 must not outvote its sharpness
+    of 0 by extrapolating a line fitted on photographs far from it."""
     x = np.array([math.log(measures[name] + offset) for name, offset in zip(part["measures"], part["offsets"])])
-    return (x - np.array(part["mean"])) / np.array(part["scale"])
+    return np.clip((x - np.array(part["mean"])) / np.array(part["scale"]), -MAX_Z, MAX_Z)
 
 
 def probability(part: dict, measures: dict) -> float:
@@ -445,7 +481,7 @@ def weakest_measure(part: dict, measures: dict) -> tuple[str, bool]:
 
 
 def exposure_fault(measures: dict) -> str:
-    """Why the photo shows nothing to grade, beyond the limits above; "" when it is within them."""
+    """Why the photo shows nothing to grade, beyond the exposure limits above; "" when it is within them."""
     if measures["brightness"] < MIN_BRIGHTNESS:
         return f"too dark: the field's median is {measures['brightness']:.0%} of full scale"
     if measures["white"] > MAX_WHITE:
@@ -466,14 +502,21 @@ def not_fundus(model: dict, measures: dict) -> str:
     return ""
 
 
+def plainly_blurred(measures: dict) -> str:
+    """Out of focus beyond doubt (MIN_SHARPNESS); "" otherwise."""
+    if measures["sharpness"] < MIN_SHARPNESS:
+        return f"out of focus: sharpness {measures['sharpness']:.3f} where the field is sharpest"
+    return ""
+
+
 def verdict(measures: dict, min_quality: float | None = None, model: dict | None = None) -> tuple[bool, str, float]:
     """(gradable, reason, score). The score is P(a fundus photo) x P(gradable, were it one), from the fitted
-    parts, and 0 beyond the exposure limits or for what is plainly not a fundus photo; refused under
-    min_quality (default: the model's operating point), the reason naming what is wrong. model: the fitted
+    parts, and 0 beyond the exposure limits, for what is plainly not a fundus photo or plainly blurred;
+    refused under min_quality (default: the model's operating point), the reason naming what is wrong. model: the fitted
     JSON (default QUALITY_MODEL)."""
     model = model or quality_model()
     min_quality = model["min_quality"] if min_quality is None else min_quality
-    fault = exposure_fault(measures) or not_fundus(model, measures)
+    fault = exposure_fault(measures) or not_fundus(model, measures) or plainly_blurred(measures)
     p_fundus = probability(model["fundus"], measures)
     quality = 0.0 if fault else p_fundus * probability(model["gradable"], measures)
     if quality >= min_quality:
@@ -494,13 +537,12 @@ def assess(img: Image.Image, field: Field | None = None, min_quality: float | No
     """Whether a photo is a gradable fundus photograph at the operating point min_quality, its score, and if
     not why: too dark, overexposed, not a fundus photo, low contrast, out of focus. A photo with no camera
     field (a frame-filling fundus, or no fundus at all) is judged as a whole (frame_field)."""
-    small_img, factor = reduced(img)
     if field is None:
         try:
-            field = find_field(img, (small_img, factor))
+            field = find_field(img)
         except NoField:
             field = frame_field(img.size)
-    measures = quality_measures(small_img, factor, field)
+    measures = quality_measures(img, field)
     gradable, reason, quality = verdict(measures, min_quality)
     return Quality(gradable, reason, field, measures, quality)
 

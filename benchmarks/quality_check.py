@@ -74,7 +74,7 @@ def measures_table(table: pd.DataFrame, cache: Path | None) -> pd.DataFrame:
         except fundus.NoField:
             field = fundus.frame_field(photo.size)
         start = time.perf_counter()  # the check's own cost: the field is found for the crop anyway
-        rows.append({**fundus.quality_measures(small, factor, field), "ms": 1e3 * (time.perf_counter() - start)})
+        rows.append({**fundus.quality_measures(photo, field), "ms": 1e3 * (time.perf_counter() - start)})
     found = pd.DataFrame(rows)
     if cache is not None:
         found.assign(path=[str(p) for p in table["path"]]).to_csv(cache, index=False)
@@ -87,7 +87,7 @@ def fit_part(table: pd.DataFrame, measures: dict, positive: np.ndarray) -> dict:
     fundus.probability reads (gradable_mean: the positive class's mean input, for weakest_measure)."""
     x = np.log(table[list(measures)].to_numpy(float) + np.array(list(measures.values())))
     mean, scale = x.mean(0), x.std(0) + 1e-9
-    z = (x - mean) / scale
+    z = np.clip((x - mean) / scale, -fundus.MAX_Z, fundus.MAX_Z)
     model = LogisticRegression(C=1.0, class_weight="balanced", max_iter=1000).fit(z, positive)
     return {"measures": list(measures), "offsets": list(measures.values()), "mean": mean.tolist(),
             "scale": scale.tolist(), "coef": model.coef_[0].tolist(), "intercept": float(model.intercept_[0]),
