@@ -132,13 +132,14 @@ def photo_for_crop(path: Path, size: int) -> tuple[Image.Image, Field]:
     return bigger, Field(field.cx * k, field.cy * k, field.r * k, field.top * k, field.bottom * k, bigger.size)
 
 
-def load_photo(path: Path, size: int) -> tuple[Image.Image, "Quality"]:
-    """photo_for_crop, and the photo's assessment (its field in pixels of the photo returned)."""
+def load_photo(path: Path, size: int, min_quality: float | None = None) -> tuple[Image.Image, "Quality"]:
+    """photo_for_crop, and the photo's assessment at the operating point min_quality (default the model's;
+    its field in pixels of the photo returned; the whole frame where it shows none)."""
     try:
         photo, field = photo_for_crop(path, size)
     except NoField as err:
-        return err.photo, assess(err.photo)  # which says why there is no field
-    return photo, assess(photo, field)
+        return err.photo, assess(err.photo, frame_field(err.photo.size), min_quality)
+    return photo, assess(photo, field, min_quality)
 
 
 # --------------------------------------------------------------------------- finding the eye
@@ -615,25 +616,25 @@ WRITTEN, KEPT, UNGRADABLE, FAILED = "written", "kept", "ungradable", "failed"
 
 
 def prepare_photo(src: Path, dst: Path, size: int, graham: bool, quality: int = 95,
-                  keep_ungradable: bool = False) -> tuple[str, str]:
-    """Crop src into dst (JPEG), Ben Graham-normalised with graham, unless assess() calls it ungradable (then
-    kept only with keep_ungradable, and only if it has a field to crop to). Returns (WRITTEN, KEPT,
-    UNGRADABLE or FAILED, the reason).
+                  keep_ungradable: bool = False, min_quality: float | None = None) -> tuple[str, str, float | None]:
+    """Crop src into dst (JPEG at `quality`), Ben Graham-normalised with graham, unless assess() calls it
+    ungradable at min_quality (then kept only with keep_ungradable). Returns (WRITTEN, KEPT, UNGRADABLE or
+    FAILED, the reason, the quality score; None when it failed).
     dst appears complete or not at all (runtime.atomic_write), so an interrupted run leaves no truncated
     JPEG that the next run would skip as done."""
     try:
-        photo, verdict = load_photo(src, size)
+        photo, verdict = load_photo(src, size, min_quality)
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
-        return FAILED, f"unreadable: {' '.join(str(err).split())}"
-    if verdict.field is None or not (verdict.gradable or keep_ungradable):
-        return UNGRADABLE, verdict.reason
+        return FAILED, f"unreadable: {' '.join(str(err).split())}", None
+    if not (verdict.gradable or keep_ungradable):
+        return UNGRADABLE, verdict.reason, verdict.score
     eye = crop_eye(photo, size, verdict.field)
     if graham:
         eye = ben_graham(eye, size / 2)
     # 4:4:4 chroma: microaneurysms are a few red pixels at 512 px, and 4:2:0 halves colour resolution
     with atomic_write(dst) as f:
         eye.save(f, format="JPEG", quality=quality, subsampling=0)
-    return (WRITTEN if verdict.gradable else KEPT), verdict.reason
+    return (WRITTEN if verdict.gradable else KEPT), verdict.reason, verdict.score
 
 
 def image_files(folder: Path) -> list[Path]:

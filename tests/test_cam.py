@@ -107,15 +107,15 @@ def test_ben_graham_crops_are_graded_as_they_are_by_a_run_trained_on_them(demo_r
     fundus.ben_graham(crop, 64).save(tmp_path / "graham.jpeg", quality=95)
     ImageOps.grayscale(crop).convert("RGB").save(tmp_path / "grey.jpeg", quality=95)
     paths = [tmp_path / "graham.jpeg", tmp_path / "grey.jpeg"]
-    image, _, status, reason = evaluate.PhotoDataset(paths, 64, ben_graham=True)[0]
+    image, _, status, reason, _ = evaluate.PhotoDataset(paths, 64, ben_graham=True)[0]
     assert (status, reason) == (evaluate.GRADED, "")
     assert torch.equal(image, dataloader.to_uint8_chw(dataloader.load_square(str(paths[0]), 64)))
-    _, _, status, reason = evaluate.PhotoDataset(paths, 64, ben_graham=False)[0]
+    _, _, status, reason, _ = evaluate.PhotoDataset(paths, 64, ben_graham=False)[0]
     assert status == evaluate.UNGRADABLE and "already Ben Graham-normalised" in reason
-    # a greyscale crop is not taken for one: it stays no colour fundus photo for either run
+    # a greyscale crop is not taken for one: it stays no colour photo for either run
     for graham in (True, False):
-        _, _, status, reason = evaluate.PhotoDataset(paths, 64, ben_graham=graham)[1]
-        assert status == evaluate.UNGRADABLE and reason.startswith("not a colour fundus photo")
+        _, _, status, reason, _ = evaluate.PhotoDataset(paths, 64, ben_graham=graham)[1]
+        assert status == evaluate.UNGRADABLE and reason.startswith("not a colour photo")
 
 
 def test_every_file_gets_a_row_and_cams_are_drawn_for_graded_photos_only(demo_run, tmp_path, capsys):
@@ -133,13 +133,16 @@ def test_every_file_gets_a_row_and_cams_are_drawn_for_graded_photos_only(demo_ru
                    "--out", str(csv), "--workers", "0", "--quiet"])
     out = capsys.readouterr().out
     table = pd.read_csv(csv, keep_default_na=False)
-    assert list(table.columns) == ["path", "status", "reason", "grade", "confidence", "p0", "p1", "p2", "p3", "p4"]
+    assert list(table.columns) == ["path", "status", "reason", "quality", "grade", "confidence",
+                                   "p0", "p1", "p2", "p3", "p4"]
     status = dict(zip(table["path"], table["status"]))
     assert [status[str(folder / f"{n}.jpeg")] for n in names] == ["graded"] * 3
     assert status[str(folder / "broken.jpeg")] == status[str(tmp_path / "notes.txt")] == "unreadable"
     assert status[str(folder / "black.png")] == "ungradable"
     black = table[table["status"] == "ungradable"].iloc[0]
     assert black["reason"].startswith("too dark") and black["grade"] == "" and black["p0"] == ""
+    assert float(black["quality"]) == 0.0 and table["quality"][table["status"] == "unreadable"].tolist() == ["", ""]
+    assert all(0 <= float(q) <= 1 for q in table["quality"][table["status"] == "graded"])
     assert "3 graded, 1 ungradable, 2 unreadable" in out
     for n in names:
         assert (cams / f"{n}.jpeg").is_file()
@@ -181,3 +184,19 @@ def test_contact_sheet_from_evaluate_to_plot(demo_run, tmp_path):
     plot.main([str(out / "logs"), "--out", str(tmp_path / "figures")])
     with Image.open(tmp_path / "figures" / "cams_resnet18_scratch.png") as figure:
         assert figure.size[1] > 1000 and len(figure.getcolors(1 << 20) or []) > 500
+
+
+def test_min_quality_moves_the_operating_point_of_images(demo_run, tmp_path):
+    _, root, ckpt = demo_run
+    name = dataloader.load_fundus_data(root).test.names[0]
+    soft = tmp_path / "soft.png"  # a mild blur: its score lies between 0 and 1, not at either end
+    Image.open(root / "images" / f"{name}.jpeg").filter(ImageFilter.GaussianBlur(1.2)).save(soft)
+    csv = tmp_path / "grades.csv"
+    evaluate.main([str(ckpt), "--images", str(soft), "--out", str(csv), "--workers", "0", "--quiet"])
+    score = pd.read_csv(csv)["quality"].iloc[0]
+    assert 0 < score < 1
+    for min_quality, status in ((score - 0.01, "graded"), (score + 0.01, "ungradable")):
+        evaluate.main([str(ckpt), "--images", str(soft), "--out", str(csv), "--workers", "0", "--quiet",
+                       "--min-quality", f"{min_quality:.6f}"])
+        row = pd.read_csv(csv).iloc[0]
+        assert row["status"] == status and row["quality"] == pytest.approx(score, abs=1e-6)
