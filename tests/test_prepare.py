@@ -364,7 +364,8 @@ def test_min_quality_moves_the_operating_point_of_prepare(tmp_path, capsys):
     assert main([str(tmp_path / "raw"), str(strict), "--size", "64", "--workers", "1",
                  "--min-quality", f"{score + 0.01:.6f}"]) == 0
     listed = pd.read_csv(strict / "ungradable.csv")
-    assert list(listed.columns) == ["path", "reason", "quality"] and listed["quality"].iloc[0] == pytest.approx(score, abs=1e-4)
+    assert list(listed.columns) == ["path", "reason", "quality"]
+    assert listed["quality"].iloc[0] == pytest.approx(score, abs=1e-4)
     assert not (strict / "images" / "soft.jpeg").exists()
     assert main([str(tmp_path / "raw"), str(lenient), "--size", "64", "--workers", "1",
                  "--min-quality", f"{score - 0.01:.6f}"]) == 0
