@@ -1,6 +1,7 @@
-"""Fundus photographs: decoding any file as RGB, finding the eye's circle, the square crop of the eye,
-and Ben Graham's normalisation. data/prepare.py crops datasets with it; evaluate.py --images crops
-new photographs with the same functions, so a photo is prepared the same way in both.
+"""Fundus photographs: decoding any file as RGB, finding the eye's circle, judging whether the photo is
+gradable (a fitted score, quality_model.json), the square crop of the eye, and Ben Graham's normalisation.
+data/prepare.py crops datasets with it; evaluate.py --images crops new photographs with the same functions,
+so a photo is prepared the same way in both.
 """
 from __future__ import annotations
 
@@ -172,7 +173,7 @@ class Field:
 
 
 def reduced(img: Image.Image) -> tuple[Image.Image, int]:
-    """The photo as RGB on a copy at most DETECT_SIDE wide, where its field is found and judged; the factor."""
+    """The photo as RGB on a copy at most DETECT_SIDE wide, where its field is found; the factor."""
     rgb = to_rgb(img)
     factor = max(1, math.ceil(max(rgb.size) / DETECT_SIDE))
     return (rgb.reduce(factor) if factor > 1 else rgb), factor
@@ -374,7 +375,7 @@ def field_square(photo: Image.Image, field: Field) -> tuple[Image.Image, np.ndar
 
 
 def sharpness(green: np.ndarray, inside: np.ndarray) -> float:
-    """Vessel-scale darkening (a difference of Gaussians, sigma 0.8 and 3 px at QUALITY_SIDE) over the local
+    """Vessel-scale darkening (a difference of Gaussians, SHARP_SIGMAS px at QUALITY_SIDE) over the local
     brightness, its 95th percentile per patch, read at SHARP_PERCENTILE over the patches that lie in the field
     (see SHARP_PATCH). Relative to the local brightness, so a dim or vignetted part counts as a bright one."""
     coarse = ndimage.gaussian_filter(green, SHARP_SIGMAS[1])
@@ -435,27 +436,26 @@ def quality_measures(photo: Image.Image, field: Field) -> dict:
 
 
 # The limits beyond which no model is asked (the score is 0): a field this dark (median brightest channel,
-# of full scale: DrimDB's black "bad" photos 0.01-0.05; every good photo of DrimDB and EyeQ 0.26 or more,
+# of full scale: DrimDB's black "bad" photos from 0.008; every good photo of DrimDB and EyeQ 0.27 or more,
 # the dimmest EyePACS photo 0.19) or this white (share of the field over 200 in all three channels: DrimDB's
-# washed-out "bad" photos 0.87-0.89, every good photo under 0.02) shows nothing to grade, and a grey one
+# washed-out "bad" photos 0.87-0.89, every good photo 0.001 or less) shows nothing to grade, and a grey one
 # (median saturation: DrimDB's grey "bad" photos and greyscale copies 0, every colour fundus photo of both
 # sets 0.11 or more, bluish EyePACS eyes the lowest; two thirds of that) is no colour photo for a grader
 # trained on colour.
 MIN_BRIGHTNESS, MAX_WHITE, MIN_SATURATION = 0.12, 0.5, 0.075
 # And a field whose sharpest patches are this soft is out of focus whatever else it shows (half the softest
-# gradable photo's sharpness: DrimDB good 0.050-0.17, EyeQ good 0.071-0.12; DrimDB's blurred "bad" 0.002-0.05).
+# gradable photo's sharpness: DrimDB good 0.049-0.16, EyeQ good 0.068-0.12; DrimDB's "bad" from 0.002).
 MIN_SHARPNESS = 0.025
 # A camera's field spans most of its frame: 0.89-1.58 of the short side on every fundus photo of DrimDB and
 # EyePACS, so a lit region under two thirds of the smallest is something else (a temple's sky, a face).
 MIN_SPAN = 0.6
 # A photo refused for its sharpness or contrast whose field is this dim (median brightest channel, of full
 # scale) is called too dark: the darkness is what hid the detail. Every good photo of DrimDB and EyeQ is
-# brighter (0.26-0.87); brightness is no input to the score, so a dim photo with sharp vessels is graded.
+# brighter (0.27-0.87); brightness is no input to the score, so a dim photo with sharp vessels is graded.
 DIM = 0.25
 # What each measure, when it is the one that pulls the score down most, says about the photo: (the
 # measure, whether it is too low) -> the reason.
-REASONS = {("sharpness", True): "out of focus", ("brightness", True): "too dark",
-           ("brightness", False): "overexposed", ("white", False): "overexposed",
+REASONS = {("sharpness", True): "out of focus", ("white", False): "overexposed",
            ("contrast", True): "low contrast", ("contrast", False): "uneven illumination"}
 NOT_FUNDUS = "not a fundus photo"
 MAX_Z = 3.0  # standard deviations (see model_inputs)
@@ -522,8 +522,8 @@ def plainly_blurred(measures: dict) -> str:
 def verdict(measures: dict, min_quality: float | None = None, model: dict | None = None) -> tuple[bool, str, float]:
     """(gradable, reason, score). The score is P(a fundus photo) x P(gradable, were it one), from the fitted
     parts, and 0 beyond the exposure limits, for what is plainly not a fundus photo or plainly blurred;
-    refused under min_quality (default: the model's operating point), the reason naming what is wrong. model: the fitted
-    JSON (default QUALITY_MODEL)."""
+    refused under min_quality (default: the model's operating point), the reason naming what is wrong.
+    model: the fitted JSON (default QUALITY_MODEL)."""
     model = model or quality_model()
     min_quality = model["min_quality"] if min_quality is None else min_quality
     fault = exposure_fault(measures) or not_fundus(model, measures) or plainly_blurred(measures)
@@ -539,7 +539,8 @@ def verdict(measures: dict, min_quality: float | None = None, model: dict | None
             + tail, quality
     name, low = weakest_measure(model["gradable"], measures)
     if measures["brightness"] < DIM and name in ("sharpness", "contrast"):
-        return False, f"too dark: brightness {measures['brightness']:.3f}, {name} {measures[name]:.3f}" + tail, quality
+        return False, f"too dark: brightness {measures['brightness']:.3f}, {name} {measures[name]:.3f}" + tail, \
+            quality
     reason = f"{REASONS.get((name, low), 'low quality')}: {name.replace('_', ' ')} {measures[name]:.3f}"
     return False, reason + tail, quality
 
