@@ -72,17 +72,29 @@ def png_bits(img: Image.Image) -> tuple[int, int | None]:
     return depth, significant
 
 
+# A 16-bit container whose values all stay under this holds 12-bit data (many fundus cameras' sensors).
+TWELVE_BITS = 4096
+
+
+def full_scale(img: Image.Image, values: np.ndarray) -> float:
+    """The value that is white: by the bit depth (a PNG's sBIT where it has one; else 12 bits when every value
+    stays under TWELVE_BITS, 16 bits otherwise; 1.0 for floats within 0-1), never by the image's own peak, so
+    a dim photo stays dim."""
+    significant = png_bits(img)[1]
+    if significant:
+        return 2.0 ** significant - 1
+    peak = float(values.max(initial=0))
+    if img.mode == "F" and peak <= 1.0:
+        return 1.0
+    return 2.0 ** (12 if peak < TWELVE_BITS else 16) - 1
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB for any mode: 16-bit images scaled by their bit depth (a PNG's sBIT where it has one, else 16
-    bits), never by their own peak, so a dim photo stays dim; transparency composited onto black (a
-    transparent PNG background may hold any colour, often white, that would pass as eye)."""
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-        depth, significant = png_bits(img)
-        full = 2 ** (significant or 16) - 1
-        img = Image.fromarray(np.clip(np.asarray(img, np.float32) * (255 / full), 0, 255).astype(np.uint8))
-    elif img.mode == "F":  # floating-point TIFFs hold 0-1 or 0-255
+    """RGB for any mode: high-depth images scaled by their bit depth (full_scale); transparency composited
+    onto black (a transparent PNG background may hold any colour, often white, that would pass as eye)."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         values = np.asarray(img, np.float32)
-        img = Image.fromarray(np.clip(values * (255 if values.max() <= 1 else 1), 0, 255).astype(np.uint8))
+        img = Image.fromarray(np.clip(np.rint(values * (255 / full_scale(img, values))), 0, 255).astype(np.uint8))
     elif img.mode == "RGB" and img.format == "PNG":
         depth, significant = png_bits(img)
         if depth == 16 and significant and significant < 16:  # Pillow kept the high byte of each value

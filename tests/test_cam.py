@@ -1,4 +1,6 @@
 """Grading new photographs and Grad-CAM: a known-answer test, and the same grades as the batch path."""
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -200,3 +202,27 @@ def test_min_quality_moves_the_operating_point_of_images(demo_run, tmp_path):
                        "--min-quality", f"{min_quality:.6f}"])
         row = pd.read_csv(csv).iloc[0]
         assert row["status"] == status and row["quality"] == pytest.approx(score, abs=1e-6)
+
+
+def test_a_dim_16_bit_photo_grades_like_its_8_bit_twin(demo_run, tmp_path):
+    from photo_kit import png16
+
+    _, root, ckpt = demo_run
+    name = dataloader.load_fundus_data(root).test.names[0]
+    eye = np.asarray(Image.open(root / "images" / f"{name}.jpeg").convert("RGB"), np.float32)
+    dim = np.rint(eye * 0.35).astype(np.uint8)  # an underexposed photo: its brightest value far under 255
+    Image.fromarray(dim).save(tmp_path / "eight.png")
+    png16(tmp_path / "sixteen.png", dim.astype(np.uint16) * 257)  # the same photo from a 16-bit camera
+    Image.fromarray(dim[..., 1]).save(tmp_path / "grey8.png")  # and its green channel, as a red-free camera's
+    png16(tmp_path / "grey16.png", dim[..., 1].astype(np.uint16) * 257)
+    csv = tmp_path / "grades.csv"
+    evaluate.main([str(ckpt), "--images", *[str(tmp_path / f) for f in ("eight.png", "sixteen.png", "grey8.png",
+                   "grey16.png")], "--out", str(csv), "--workers", "0", "--quiet", "--force"])
+    table = pd.read_csv(csv).set_index(pd.read_csv(csv)["path"].map(lambda p: Path(p).stem))
+    probs = table[[f"p{g}" for g in range(5)]]
+    assert np.abs(probs.loc["sixteen"] - probs.loc["eight"]).max() <= 0.02
+    assert np.abs(probs.loc["grey16"] - probs.loc["grey8"]).max() <= 0.02  # scaled by its bits, not its peak
+    # the demo model barely tells brightness apart, so also what it is shown: the same pixels, not brighter ones
+    for sixteen, eight in (("sixteen", "eight"), ("grey16", "grey8")):
+        seen = [evaluate.PhotoDataset([tmp_path / f"{f}.png"], 64, force=True)[0][0].float() for f in (sixteen, eight)]
+        assert (seen[0] - seen[1]).abs().mean() < 1.0, sixteen

@@ -251,11 +251,12 @@ def test_a_dim_16_bit_photo_stays_dim_and_is_judged_like_its_8_bit_twin(tmp_path
     png16(tmp_path / "rgb16.png", eight.astype(np.uint16) * 257)  # 16 bits, no sBIT
     png16(tmp_path / "grey16.png", eight[..., 0].astype(np.uint16) * 257)
     png16(tmp_path / "rgb12.png", eight.astype(np.uint16) * 16, significant_bits=12)  # 12 bits in 16
+    png16(tmp_path / "grey12.png", eight[..., 0].astype(np.uint16) * 16)  # no sBIT, every value under 4,096
     # scaled by its bits, not by its peak; Pillow keeps the high byte of a 16-bit RGB PNG, so 12 significant
     # bits come back in steps of 16 grey levels (the mean 7.5 low), where today's decoding made them 16x darker
-    for name, within in (("rgb16.png", 1.0), ("grey16.png", 1.0), ("rgb12.png", 8.0)):
+    for name, within in (("rgb16.png", 1.0), ("grey16.png", 1.0), ("rgb12.png", 8.0), ("grey12.png", 1.0)):
         decoded = np.asarray(fundus.decode(tmp_path / name), np.float32)
-        expected = eight[..., 0] if name == "grey16.png" else eight
+        expected = eight[..., 0] if name.startswith("grey") else eight
         assert abs(decoded.mean() - expected.mean()) < within, name
     twin, sixteen = fundus.assess(Image.fromarray(eight)), fundus.assess(fundus.decode(tmp_path / "rgb16.png"))
     assert sixteen.gradable == twin.gradable and abs(sixteen.score - twin.score) < 0.02
