@@ -7,7 +7,8 @@ trainLabels.csv (image,level) and eyeq_quality.csv (image,quality: EyeQ, Fu et a
 2 reject). Two logistic regressions on fundus.quality_measures: fundus (DrimDB's outliers against every fundus
 photo) and gradable (DrimDB good and EyeQ good or usable against DrimDB bad and EyeQ reject). Printed:
 refusal rates out of fold (5 folds, grouped by patient, the operating point chosen on the training folds
-only), cross-set (fit on one set, measured on the other), the ROC AUC of the score, the refusal rate by DR
+only), cross-set (the gradable part and operating point fitted on one set, measured on the other; the fundus
+part, which needs DrimDB's outliers, out of fold on DrimDB), the ROC AUC of the score, the refusal rate by DR
 grade on all EyePACS photos, and milliseconds per photo. --write fits on everything and writes the model
 with this provenance. Deterministic: lbfgs from zeros, fixed folds.
 """
@@ -137,10 +138,17 @@ def out_of_fold(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def cross_set(table: pd.DataFrame, fit_on: str) -> pd.DataFrame:
-    """Verdicts on the other set by a model whose gradable part is fitted on `fit_on` alone. The fundus
-    part needs outliers, which only DrimDB has: fitted on DrimDB's photos either way."""
+    """Verdicts on the other set by a model whose gradable part and operating point are fitted on `fit_on`
+    alone. The fundus part needs outliers, which only DrimDB has: measured on EyePACS it is fitted on DrimDB;
+    measured on DrimDB it is fitted on the other DrimDB folds (out of fold, as in out_of_fold)."""
     own, other = table[table["set"] == fit_on], table[table["set"] != fit_on]
-    return verdicts(fit(own, fit_fundus(table[table["set"] == "drimdb"])), other)
+    if fit_on == "drimdb":
+        return verdicts(fit(own, fit_fundus(own)), other)
+    parts = []
+    for train, test in StratifiedGroupKFold(FOLDS, shuffle=True, random_state=SEED).split(other, other["label"],
+                                                                                           other["patient"]):
+        parts.append(verdicts(fit(own, fit_fundus(other.iloc[train])), other.iloc[test]))
+    return pd.concat(parts).loc[other.index]
 
 
 # --------------------------------------------------------------------------- figures
