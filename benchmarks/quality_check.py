@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -37,8 +36,8 @@ FUNDUS_MEASURES = {"colour_spread": 0.01, "contrast": 0.05, "sharpness": 0.01}
 GRADABLE_MEASURES = {"sharpness": 0.01, "contrast": 0.05, "white": 0.01}
 # The operating point, chosen on the photos fitted (never the ones measured): the highest score threshold
 # that refuses at most this share of the gradable photos there; and "not a fundus photo" only under half the
-# lowest P(fundus) of any fundus photo fitted (a fundus called no fundus is the worst wrong reason: without
-# the margin, one DrimDB bad photo of 215 was, held out).
+# lowest P(fundus) of any fundus photo fitted (a fundus called no fundus is the worst wrong reason; held out,
+# one washed-out DrimDB bad photo of the 259 fundus photos still is).
 REFUSE_GOOD, NOT_FUNDUS_MARGIN = 0.02, 0.5
 FOLDS, SEED = 5, 0
 
@@ -191,7 +190,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--drimdb", type=Path, required=True, help="DrimDB folder with Good/, Bad/, Outlier/")
     p.add_argument("--eyepacs", type=Path, required=True,
                    help="folder with train/, trainLabels.csv and eyeq_quality.csv")
-    p.add_argument("--cache", type=Path, default=None, help="CSV of measures to reuse between runs (default none)")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="CSV of measures to reuse between runs; delete it when fundus.py's measures change "
+                        "(default none)")
     p.add_argument("--write", type=Path, default=None, metavar="JSON",
                    help="fit on every photo and write the model there (default: measure only)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures as JSON (default none)")
