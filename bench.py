@@ -344,7 +344,8 @@ def decoding(draft: bool):
 
 
 def bench_camera_jpeg(work: Path, rounds: int, size: int = 512) -> dict:
-    """Milliseconds per 12 MP camera JPEG: decoding it and finding its field (fundus.photo_for_crop), what
+    """Milliseconds per 12 MP camera JPEG: decoding it and finding its field (fundus.photo_for_crop), the
+    quality check alone on the photo so decoded (fundus.assess, the field given: what the check adds), what
     data/prepare.py does with each photo (fundus.prepare_photo: that, the quality check, crop, save at `size`)
     and what evaluate.py --images does before the model (PhotoDataset's item), each with the JPEG decoded at a
     reduced scale (draft mode, as both do) and at full size. "decoded" holds the sizes each mode decoded."""
@@ -357,11 +358,24 @@ def bench_camera_jpeg(work: Path, rounds: int, size: int = 512) -> dict:
                 fn()
         return run
 
+    decoded_photo = {mode: None for mode in ("draft", "full")}
+
+    def check(draft: bool):
+        # the quality check alone (fundus.assess with the field found), on the photo as that mode decodes it
+        if decoded_photo["draft" if draft else "full"] is None:
+            decoded_photo["draft" if draft else "full"] = fundus.photo_for_crop(path, size)
+        photo, field = decoded_photo["draft" if draft else "full"]
+        return lambda: fundus.assess(photo, field)
+
     stages = {"decode + find the field": lambda: fundus.photo_for_crop(path, size),
               "prepare.py": lambda: fundus.prepare_photo(path, work / "camera_crop.jpeg", size, False),
               "--images": lambda: dataset[0]}
-    rates = interleaved_rates({f"{name}, {mode} decode": timed(fn, mode == "draft")
-                               for name, fn in stages.items() for mode in ("draft", "full")}, 1, rounds)
+    runs = {f"{name}, {mode} decode": timed(fn, mode == "draft") for name, fn in stages.items()
+            for mode in ("draft", "full")}
+    for mode in ("draft", "full"):
+        with decoding(mode == "draft"):
+            runs[f"quality check, {mode} decode"] = check(mode == "draft")
+    rates = interleaved_rates(runs, 1, rounds)
     assert dataset[0][2] == evaluate.GRADED, dataset[0][3]  # the photo is graded, not turned away early
     decoded = {}
     for mode in ("draft", "full"):
@@ -516,7 +530,8 @@ def report_cpu(r: dict) -> str:
         c = r["camera"]
         rows = [[who, f"{c[f'{who}, draft decode']:.0f}", f"{c[f'{who}, full decode']:.0f}",
                  f"{c[f'{who}, full decode'] / c[f'{who}, draft decode']:.2f}x"]
-                for who in ("decode + find the field", "prepare.py", "--images")]
+                for who in ("decode + find the field", "quality check", "prepare.py", "--images")
+                if f"{who}, draft decode" in c]
         sizes = {mode: "x".join(map(str, c["decoded"][mode])) for mode in ("draft", "full")} if "decoded" in c else {}
         parts.append(table(f"One 12 MP camera JPEG ({CAMERA_SIZE[0]}x{CAMERA_SIZE[1]}) to a 512 px crop, ms",
                            ["path", f"draft decode (ours{', ' + sizes['draft'] if sizes else ''})",

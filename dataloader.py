@@ -301,8 +301,8 @@ def load_square(path: str, size: int) -> Image.Image:
         if img.format == "JPEG":
             img.draft("RGB", (size, size))
         img.load()
-    if img.mode != "RGB":  # greyscale, 16-bit, RGBA, palette; an RGB image is used as decoded, not copied
-        img = fundus.to_rgb(img)
+    if img.mode != "RGB" or img.format == "PNG":  # greyscale, 16-bit, RGBA, palette; a 16-bit PNG's sBIT
+        img = fundus.to_rgb(img)  # (an 8-bit RGB image is used as decoded, not copied)
     w, h = img.size
     if w != h:
         side = min(w, h)

@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --images: a Grad-CAM figure per graded photo, beside a copy of it, in DIR")
     g.add_argument("--force", action="store_true",
                    help="with --images: grade photos the quality check calls ungradable too (the reason is kept)")
+    g.add_argument("--min-quality", type=float, default=None, metavar="SCORE",
+                   help="with --images: the quality check's operating point, a score in 0-1 under which a photo "
+                        "is ungradable (default: the fitted model's, which refuses 2 %% of gradable photos; "
+                        "fundus.QUALITY_MODEL)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -284,44 +288,50 @@ class PhotoDataset(torch.utils.data.Dataset):
     an eye crop goes through the same load_square as the training data and
     a raw camera photo is cropped to the eye as data/prepare.py does (and Ben Graham-normalised when the
     training data was). A crop already Ben Graham-normalised is graded as it is for a run trained on such
-    crops, and ungradable for any other. Items: (uint8 image, index, status, reason); a blank image unless
-    graded. With force, ungradable photos are graded anyway, their reason kept."""
+    crops, and ungradable for any other. Items: (uint8 image, index, status, reason, quality score or NaN); a
+    blank image unless graded. With force, ungradable photos are graded anyway, their reason kept; min_quality
+    is the check's operating point (None: the fitted model's)."""
 
-    def __init__(self, paths: list[Path], size: int, ben_graham: bool = False, force: bool = False):
+    def __init__(self, paths: list[Path], size: int, ben_graham: bool = False, force: bool = False,
+                 min_quality: float | None = None):
         self.paths, self.size, self.ben_graham, self.force = paths, size, ben_graham, force
+        self.min_quality = min_quality
 
     def __len__(self):
         return len(self.paths)
 
     def load(self, path: Path):
-        photo, quality = fundus.load_photo(path, self.size)
+        photo, quality = fundus.load_photo(path, self.size, self.min_quality)
         if fundus.is_ben_graham_crop(photo, quality):
             # what a run trained on such crops takes as it is; the quality check judges photographs, not these
             quality = dataclasses.replace(quality, gradable=self.ben_graham, reason="" if self.ben_graham else (
                 "already Ben Graham-normalised, and this run was trained on plain crops: pass the original photo"))
         if not quality.gradable and not self.force:
-            return None, UNGRADABLE, quality.reason
-        if quality.field is None or fundus.is_eye_crop(photo, quality.field):
-            return dataloader.load_square(str(path), self.size), GRADED, quality.reason
+            return None, UNGRADABLE, quality.reason, quality.score
+        if fundus.is_eye_crop(photo, quality.field):
+            return dataloader.load_square(str(path), self.size), GRADED, quality.reason, quality.score
         crop = fundus.crop_eye(photo, self.size, quality.field)
-        return (fundus.ben_graham(crop, self.size / 2) if self.ben_graham else crop), GRADED, quality.reason
+        image = fundus.ben_graham(crop, self.size / 2) if self.ben_graham else crop
+        return image, GRADED, quality.reason, quality.score
 
     def __getitem__(self, i):
         from PIL import Image
 
         try:
-            image, status, reason = self.load(self.paths[i])
+            image, status, reason, score = self.load(self.paths[i])
         except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
             image, status, reason = None, UNREADABLE, f"not a readable image ({' '.join(str(err).split())})"
+            score = float("nan")
         if image is None:  # a blank in the batch: never shown to the model
-            return torch.zeros(self.size, self.size, 3, dtype=torch.uint8).permute(2, 0, 1), i, status, reason
-        return dataloader.to_uint8_chw(image), i, status, reason
+            return torch.zeros(self.size, self.size, 3, dtype=torch.uint8).permute(2, 0, 1), i, status, reason, score
+        return dataloader.to_uint8_chw(image), i, status, reason, score
 
 
-def collate_photos(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
-    """PhotoDataset items as one uint8 batch (as the training data's), their indices, statuses and reasons."""
-    images, index = dataloader.collate_fundus([(image, i) for image, i, _, _ in batch])
-    return images, index, [item[2] for item in batch], [item[3] for item in batch]
+def collate_photos(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str], list[float]]:
+    """PhotoDataset items as one uint8 batch (as the training data's), their indices, statuses, reasons and
+    quality scores."""
+    images, index = dataloader.collate_fundus([(item[0], item[1]) for item in batch])
+    return images, index, [item[2] for item in batch], [item[3] for item in batch], [item[4] for item in batch]
 
 
 def grad_cam(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -335,24 +345,26 @@ def grad_cam(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> t
     return cam / cam.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
 
 
-PHOTO_COLUMNS = ["path", "status", "reason", "grade", "confidence", *[f"p{g}" for g in GRADES]]
+PHOTO_COLUMNS = ["path", "status", "reason", "quality", "grade", "confidence", *[f"p{g}" for g in GRADES]]
 
 
 def predict_photos(checkpoint: dict, paths: list[Path], device: torch.device, batch_size: int, workers: int,
-                   tta: bool, cam_dir: Path | None = None, force: bool = False, show: bool = False):
-    """One row per file, in order (PHOTO_COLUMNS): graded photos with their grade, confidence and
-    probabilities; ungradable and unreadable ones with the reason and empty numbers."""
+                   tta: bool, cam_dir: Path | None = None, force: bool = False, show: bool = False,
+                   min_quality: float | None = None):
+    """One row per file, in order (PHOTO_COLUMNS): the quality check's score (empty for unreadable files);
+    graded photos with their grade, confidence and probabilities; ungradable and unreadable ones with the
+    reason and empty numbers."""
     import pandas as pd
 
     model, transform, ctx = inference_setup(checkpoint, paths[0], device)
-    dataset = PhotoDataset(paths, checkpoint["image_size"], trained_on_ben_graham(checkpoint), force)
+    dataset = PhotoDataset(paths, checkpoint["image_size"], trained_on_ben_graham(checkpoint), force, min_quality)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          collate_fn=collate_photos, worker_init_fn=worker_signals)
     outputs = cam_outputs(paths, cam_dir) if cam_dir is not None else None
     rows = {}
-    for images, index, statuses, reasons in progress(loader, len(loader), "grade", show):
-        for i, status, reason in zip(index.tolist(), statuses, reasons):
-            rows[i] = {"path": str(paths[i]), "status": status, "reason": reason}
+    for images, index, statuses, reasons, scores in progress(loader, len(loader), "grade", show):
+        for i, status, reason, score in zip(index.tolist(), statuses, reasons, scores):
+            rows[i] = {"path": str(paths[i]), "status": status, "reason": reason, "quality": score}
         graded = torch.tensor([status == GRADED for status in statuses])
         if not graded.any():
             continue
@@ -432,13 +444,13 @@ def grade_photos(args, checkpoint: dict, device: torch.device, workers: int) -> 
     paths = collect_images(args.images)
     cam_dir = Path(args.cam) if args.cam else None
     table = predict_photos(checkpoint, paths, device, args.batch_size, workers, args.tta, cam_dir, args.force,
-                           show=not args.quiet)
+                           show=not args.quiet, min_quality=args.min_quality)
     for row in table.itertuples():
         if row.status == GRADED:
             probs = " ".join(f"{getattr(row, f'p{g}'):.3f}" for g in GRADES)
             warning = f"\t(graded with --force: {row.reason})" if row.reason else ""
             print(f"{row.path}\tgraded\tgrade {row.grade} ({GRADE_NAMES[row.grade]})\tconfidence "
-                  f"{row.confidence:.1%}\tp0-p4 {probs}{warning}")
+                  f"{row.confidence:.1%}\tp0-p4 {probs}\tquality {row.quality:.2f}{warning}")
         else:
             print(f"{row.path}\t{row.status}\t{row.reason}")
     counts = table["status"].value_counts()
@@ -634,6 +646,8 @@ def check_args(args) -> None:
              (not args.cam or args.images, "--cam needs --images (for a split, --cam-per-grade feeds plot.py's "
                                            "contact sheet)"),
              (not args.force or args.images, "--force needs --images: it grades photos the quality check rejects"),
+             (args.min_quality is None or args.images, "--min-quality needs --images (data/prepare.py has its own)"),
+             (args.min_quality is None or 0 <= args.min_quality <= 1, "--min-quality must lie between 0 and 1"),
              (not (args.predictions and args.images), "--predictions is for a split; with --images, --out is the "
                                                        "table of grades"),
              (args.layout == "auto" or args.data_root,

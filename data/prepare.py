@@ -6,9 +6,10 @@ Each photo (any size; the eye a bright disc on a dark background, often clipped 
 bottom by the frame, as in Kaggle EyePACS) becomes DST_DIR/images/<name>.jpeg: the eye's bounding
 square, padded with black where the frame cut the eye off, resized to size x size. With --labels,
 DST_DIR also gets the lab layout (train_img.csv, train_label.csv, test_img.csv, test_label.csv),
-split by patient. Photos that are not gradable colour fundus photographs (fundus.assess: overexposed,
-too dark, no round camera field, not a colour fundus photo, out of focus) stay out of images/ and are
-listed with the reason in DST_DIR/ungradable.csv (--keep-ungradable crops them too). Re-runnable:
+split by patient. Photos that are not gradable fundus photographs (fundus.assess: a quality score under
+--min-quality; too dark, overexposed, not a colour photo, not a fundus photo, low contrast, out of focus)
+stay out of images/ and are listed with the reason and score in DST_DIR/ungradable.csv (--keep-ungradable
+crops them too). Re-runnable:
 finished images are skipped, so an interrupted run just resumes.
 """
 from __future__ import annotations
@@ -41,9 +42,10 @@ SHOWN_FAILURES = 20
 
 
 # --------------------------------------------------------------------------- one photo
-def prepare_pair(paths: tuple[Path, Path], size: int, ben_graham: bool, quality: int,
-                 keep_ungradable: bool) -> tuple[Path, str, str]:
-    return (paths[0], *fundus.prepare_photo(paths[0], paths[1], size, ben_graham, quality, keep_ungradable))
+def prepare_pair(paths: tuple[Path, Path], size: int, ben_graham: bool, quality: int, keep_ungradable: bool,
+                 min_quality: float | None) -> tuple[Path, str, str, float | None]:
+    return (paths[0], *fundus.prepare_photo(paths[0], paths[1], size, ben_graham, quality, keep_ungradable,
+                                            min_quality))
 
 
 # --------------------------------------------------------------------------- the folder
@@ -94,24 +96,26 @@ def pending(photos: list[Path], out_dir: Path) -> tuple[list[tuple[Path, Path]],
     return todo, len(photos) - len(todo)
 
 
-def run_all(todo: list[tuple[Path, Path]], args: argparse.Namespace) -> dict[str, dict[Path, str]]:
-    """Crop every pair on args.workers processes: {WRITTEN, KEPT, UNGRADABLE, FAILED: {photo: reason}}."""
+def run_all(todo: list[tuple[Path, Path]], args: argparse.Namespace) -> dict[str, dict[Path, tuple]]:
+    """Crop every pair on args.workers processes: {WRITTEN, KEPT, UNGRADABLE, FAILED: {photo: (reason,
+    quality score)}}."""
     work = functools.partial(prepare_pair, size=args.size, ben_graham=args.ben_graham, quality=args.quality,
-                             keep_ungradable=args.keep_ungradable)
+                             keep_ungradable=args.keep_ungradable, min_quality=args.min_quality)
     bar = tqdm(total=len(todo), unit="img", disable=not sys.stderr.isatty())
     outcomes = {WRITTEN: {}, KEPT: {}, UNGRADABLE: {}, FAILED: {}}
     # chunks of 4: a photo takes 50-150 ms, so handing them out costs nothing, and the last
     # chunks finish together instead of one worker holding a long tail
-    for src, outcome, reason in map_in_processes(work, todo, args.workers, chunksize=4):
-        outcomes[outcome][src] = reason
+    for src, outcome, reason, score in map_in_processes(work, todo, args.workers, chunksize=4):
+        outcomes[outcome][src] = (reason, score)
         bar.update()
     bar.close()
     return outcomes
 
 
-def report(outcomes: dict[str, dict[Path, str]], skipped: int, dst_dir: Path) -> None:
-    """The summary line; ungradable photos listed in DST_DIR/ungradable.csv (path,reason), failures (the
-    first few shown) in DST_DIR/prepare_failures.txt. Lists of an earlier run are replaced."""
+def report(outcomes: dict[str, dict[Path, tuple]], skipped: int, dst_dir: Path) -> None:
+    """The summary line; ungradable photos listed in DST_DIR/ungradable.csv (path,reason,quality: the
+    check's score), failures (the first few shown) in DST_DIR/prepare_failures.txt. Lists of an earlier run
+    are replaced."""
     ungradable = {**outcomes[UNGRADABLE], **outcomes[KEPT]}
     failures = outcomes[FAILED]
     print(f"prepare: {len(outcomes[WRITTEN]) + len(outcomes[KEPT])} written, {skipped} skipped (already done), "
@@ -122,13 +126,14 @@ def report(outcomes: dict[str, dict[Path, str]], skipped: int, dst_dir: Path) ->
         listing.unlink(missing_ok=True)
     if ungradable:
         rows = pd.DataFrame({"path": [str(p) for p in sorted(ungradable)],
-                             "reason": [ungradable[p] for p in sorted(ungradable)]})
-        write_text_atomic(dst_dir / UNGRADABLE_FILE, rows.to_csv(index=False))
+                             "reason": [ungradable[p][0] for p in sorted(ungradable)],
+                             "quality": [ungradable[p][1] for p in sorted(ungradable)]})
+        write_text_atomic(dst_dir / UNGRADABLE_FILE, rows.to_csv(index=False, float_format="%.4f"))
         print(f"  {len(ungradable)} ungradable photos are listed with the reason in {dst_dir / UNGRADABLE_FILE}"
               + ("" if outcomes[KEPT] else "; --keep-ungradable crops them too"))
     if not failures:
         return
-    lines = [f"{p.name}: {failures[p]}" for p in sorted(failures)]
+    lines = [f"{p.name}: {failures[p][0]}" for p in sorted(failures)]
     write_text_atomic(dst_dir / FAILURES_FILE, "\n".join(lines) + "\n")
     for line in lines[:SHOWN_FAILURES]:
         print(f"  failed: {line}", file=sys.stderr)
@@ -175,6 +180,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     crops.add_argument("--quality", type=int, default=95, help="JPEG quality 1-100 (default 95)")
     crops.add_argument("--keep-ungradable", action="store_true",
                        help="also crop photos the quality check calls ungradable (they are listed either way)")
+    crops.add_argument("--min-quality", type=float, default=None, metavar="SCORE",
+                       help="the quality check's operating point: photos scoring under it (0-1) are ungradable "
+                            f"(default {fundus.quality_model()['min_quality']:.3f}, fitted to refuse 2 %% of the "
+                            "gradable photos of DrimDB and EyeQ; 0 refuses only what is no fundus photo or "
+                            "shows nothing)")
     crops.add_argument("--workers", type=int, default=default_workers(),
                        help="processes (default: one per CPU core, here %(default)s)")
     labels = parser.add_argument_group("labels")
@@ -187,6 +197,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.size < 32:
         raise UserError(f"--size {args.size} is too small: choose 32 or more (512 is usual)")
+    if args.min_quality is not None and not 0 <= args.min_quality <= 1:
+        raise UserError(f"--min-quality {args.min_quality} must lie between 0 and 1")
     if not 1 <= args.quality <= 100:
         raise UserError(f"--quality {args.quality} must lie between 1 and 100")
     if args.workers < 1:

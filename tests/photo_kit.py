@@ -76,3 +76,30 @@ def jpeg_copy(img: Image.Image, quality: int = 75) -> Image.Image:
     out = Image.open(buffer)
     out.load()
     return out
+
+
+def haemorrhage(img: Image.Image, cx: float, cy: float, r: float) -> Image.Image:
+    """A large dark-red blot haemorrhage (an ellipse r by 0.8 r), its edge softened as in a photograph."""
+    out = img.copy()
+    ImageDraw.Draw(out).ellipse([cx - r, cy - 0.8 * r, cx + r, cy + 0.8 * r], fill=(90, 20, 10))
+    return out.filter(ImageFilter.GaussianBlur(1.5))
+
+
+def png16(path, values: np.ndarray, significant_bits: int | None = None) -> None:
+    """A 16-bit PNG (greyscale H x W or RGB H x W x 3, uint16), with an sBIT chunk when significant_bits is
+    given: written by hand, as Pillow writes no 16-bit RGB PNG and no sBIT."""
+    import struct
+    import zlib
+
+    h, w = values.shape[:2]
+    colour_type = 2 if values.ndim == 3 else 0
+    rows = values.astype(">u2").reshape(h, -1)
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    sbit = b"" if significant_bits is None else chunk(b"sBIT", bytes([significant_bits] * (3 if colour_type else 1)))
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0))
+                + sbit + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))

@@ -1,4 +1,6 @@
 """Grading new photographs and Grad-CAM: a known-answer test, and the same grades as the batch path."""
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -107,15 +109,15 @@ def test_ben_graham_crops_are_graded_as_they_are_by_a_run_trained_on_them(demo_r
     fundus.ben_graham(crop, 64).save(tmp_path / "graham.jpeg", quality=95)
     ImageOps.grayscale(crop).convert("RGB").save(tmp_path / "grey.jpeg", quality=95)
     paths = [tmp_path / "graham.jpeg", tmp_path / "grey.jpeg"]
-    image, _, status, reason = evaluate.PhotoDataset(paths, 64, ben_graham=True)[0]
+    image, _, status, reason, _ = evaluate.PhotoDataset(paths, 64, ben_graham=True)[0]
     assert (status, reason) == (evaluate.GRADED, "")
     assert torch.equal(image, dataloader.to_uint8_chw(dataloader.load_square(str(paths[0]), 64)))
-    _, _, status, reason = evaluate.PhotoDataset(paths, 64, ben_graham=False)[0]
+    _, _, status, reason, _ = evaluate.PhotoDataset(paths, 64, ben_graham=False)[0]
     assert status == evaluate.UNGRADABLE and "already Ben Graham-normalised" in reason
-    # a greyscale crop is not taken for one: it stays no colour fundus photo for either run
+    # a greyscale crop is not taken for one: it stays no colour photo for either run
     for graham in (True, False):
-        _, _, status, reason = evaluate.PhotoDataset(paths, 64, ben_graham=graham)[1]
-        assert status == evaluate.UNGRADABLE and reason.startswith("not a colour fundus photo")
+        _, _, status, reason, _ = evaluate.PhotoDataset(paths, 64, ben_graham=graham)[1]
+        assert status == evaluate.UNGRADABLE and reason.startswith("not a colour photo")
 
 
 def test_every_file_gets_a_row_and_cams_are_drawn_for_graded_photos_only(demo_run, tmp_path, capsys):
@@ -133,13 +135,16 @@ def test_every_file_gets_a_row_and_cams_are_drawn_for_graded_photos_only(demo_ru
                    "--out", str(csv), "--workers", "0", "--quiet"])
     out = capsys.readouterr().out
     table = pd.read_csv(csv, keep_default_na=False)
-    assert list(table.columns) == ["path", "status", "reason", "grade", "confidence", "p0", "p1", "p2", "p3", "p4"]
+    assert list(table.columns) == ["path", "status", "reason", "quality", "grade", "confidence",
+                                   "p0", "p1", "p2", "p3", "p4"]
     status = dict(zip(table["path"], table["status"]))
     assert [status[str(folder / f"{n}.jpeg")] for n in names] == ["graded"] * 3
     assert status[str(folder / "broken.jpeg")] == status[str(tmp_path / "notes.txt")] == "unreadable"
     assert status[str(folder / "black.png")] == "ungradable"
     black = table[table["status"] == "ungradable"].iloc[0]
     assert black["reason"].startswith("too dark") and black["grade"] == "" and black["p0"] == ""
+    assert float(black["quality"]) == 0.0 and table["quality"][table["status"] == "unreadable"].tolist() == ["", ""]
+    assert all(0 <= float(q) <= 1 for q in table["quality"][table["status"] == "graded"])
     assert "3 graded, 1 ungradable, 2 unreadable" in out
     for n in names:
         assert (cams / f"{n}.jpeg").is_file()
@@ -181,3 +186,43 @@ def test_contact_sheet_from_evaluate_to_plot(demo_run, tmp_path):
     plot.main([str(out / "logs"), "--out", str(tmp_path / "figures")])
     with Image.open(tmp_path / "figures" / "cams_resnet18_scratch.png") as figure:
         assert figure.size[1] > 1000 and len(figure.getcolors(1 << 20) or []) > 500
+
+
+def test_min_quality_moves_the_operating_point_of_images(demo_run, tmp_path):
+    _, root, ckpt = demo_run
+    name = dataloader.load_fundus_data(root).test.names[0]
+    soft = tmp_path / "soft.png"  # a mild blur: its score lies between 0 and 1, not at either end
+    Image.open(root / "images" / f"{name}.jpeg").filter(ImageFilter.GaussianBlur(1.2)).save(soft)
+    csv = tmp_path / "grades.csv"
+    evaluate.main([str(ckpt), "--images", str(soft), "--out", str(csv), "--workers", "0", "--quiet"])
+    score = pd.read_csv(csv)["quality"].iloc[0]
+    assert 0 < score < 1
+    for min_quality, status in ((score - 0.01, "graded"), (score + 0.01, "ungradable")):
+        evaluate.main([str(ckpt), "--images", str(soft), "--out", str(csv), "--workers", "0", "--quiet",
+                       "--min-quality", f"{min_quality:.6f}"])
+        row = pd.read_csv(csv).iloc[0]
+        assert row["status"] == status and row["quality"] == pytest.approx(score, abs=1e-6)
+
+
+def test_a_dim_16_bit_photo_grades_like_its_8_bit_twin(demo_run, tmp_path):
+    from photo_kit import png16
+
+    _, root, ckpt = demo_run
+    name = dataloader.load_fundus_data(root).test.names[0]
+    eye = np.asarray(Image.open(root / "images" / f"{name}.jpeg").convert("RGB"), np.float32)
+    dim = np.rint(eye * 0.35).astype(np.uint8)  # an underexposed photo: its brightest value far under 255
+    Image.fromarray(dim).save(tmp_path / "eight.png")
+    png16(tmp_path / "sixteen.png", dim.astype(np.uint16) * 257)  # the same photo from a 16-bit camera
+    Image.fromarray(dim[..., 1]).save(tmp_path / "grey8.png")  # and its green channel, as a red-free camera's
+    png16(tmp_path / "grey16.png", dim[..., 1].astype(np.uint16) * 257)
+    csv = tmp_path / "grades.csv"
+    evaluate.main([str(ckpt), "--images", *[str(tmp_path / f) for f in ("eight.png", "sixteen.png", "grey8.png",
+                   "grey16.png")], "--out", str(csv), "--workers", "0", "--quiet", "--force"])
+    table = pd.read_csv(csv).set_index(pd.read_csv(csv)["path"].map(lambda p: Path(p).stem))
+    probs = table[[f"p{g}" for g in range(5)]]
+    assert np.abs(probs.loc["sixteen"] - probs.loc["eight"]).max() <= 0.02
+    assert np.abs(probs.loc["grey16"] - probs.loc["grey8"]).max() <= 0.02  # scaled by its bits, not its peak
+    # the demo model barely tells brightness apart, so also what it is shown: the same pixels, not brighter ones
+    for sixteen, eight in (("sixteen", "eight"), ("grey16", "grey8")):
+        seen = [evaluate.PhotoDataset([tmp_path / f"{f}.png"], 64, force=True)[0][0].float() for f in (sixteen, eight)]
+        assert (seen[0] - seen[1]).abs().mean() < 1.0, sixteen

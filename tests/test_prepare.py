@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 from scipy import ndimage
 
 from data.prepare import main
@@ -217,7 +217,7 @@ def test_cli_crops_every_photo_and_skips_them_on_a_second_run(tmp_path, capsys):
     assert outputs == sorted(f"{stem}.jpeg" for stem in colour)
     listed = pd.read_csv(dst / "ungradable.csv")
     assert listed["path"].tolist() == [str(tmp_path / "raw" / "c_grey.PNG")]
-    assert listed["reason"].iloc[0].startswith("not a colour fundus photo")
+    assert listed["reason"].iloc[0].startswith("not a colour photo") and listed["quality"].iloc[0] == 0
     for stem, (_, geometry) in colour.items():
         with Image.open(dst / "images" / f"{stem}.jpeg") as img:
             assert img.format == "JPEG" and img.size == (128, 128) and img.mode == "RGB"
@@ -250,7 +250,7 @@ def test_cli_lists_ungradable_photos_and_reports_unreadable_ones(tmp_path, capsy
     assert "x.jpeg" in err and "black.jpeg" not in err
     listed = (dst / "prepare_failures.txt").read_text().splitlines()
     assert [line.split(":")[0] for line in listed] == ["x.jpeg"] and "unreadable" in listed[0]
-    reasons = dict(pd.read_csv(dst / "ungradable.csv").to_numpy())
+    reasons = dict(pd.read_csv(dst / "ungradable.csv")[["path", "reason"]].to_numpy())
     assert reasons[str(tmp_path / "raw" / "black.jpeg")].startswith("too dark")
     assert sorted(p.stem for p in (dst / "images").iterdir()) == sorted(set(photos) - {"c_grey"})
 
@@ -260,7 +260,8 @@ def test_prepare_photo_returns_the_reason_instead_of_writing(tmp_path):
     assert prepare_photo(tmp_path / "black.png", tmp_path / "out.jpeg", 64, False)[0] == "ungradable"
     assert not (tmp_path / "out.jpeg").exists()
     fundus_photo().save(tmp_path / "eye.png")
-    assert prepare_photo(tmp_path / "eye.png", tmp_path / "out.jpeg", 64, True) == ("written", "")
+    status, reason, score = prepare_photo(tmp_path / "eye.png", tmp_path / "out.jpeg", 64, True)
+    assert (status, reason) == ("written", "") and 0 < score <= 1
     with Image.open(tmp_path / "out.jpeg") as written:
         assert is_eye_crop(written)
 
@@ -351,3 +352,21 @@ def test_user_mistakes_exit_2_with_one_sentence(tmp_path, capsys, mistake):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and named in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()  # checked before anything is written
+
+
+def test_min_quality_moves_the_operating_point_of_prepare(tmp_path, capsys):
+    (tmp_path / "raw").mkdir()
+    eye = fundus_photo(seed=1)
+    eye.filter(ImageFilter.GaussianBlur(1.5)).save(tmp_path / "raw" / "soft.png")  # scores between 0 and 1
+    score = prepare_photo(tmp_path / "raw" / "soft.png", tmp_path / "probe.jpeg", 64, False, min_quality=0)[2]
+    assert 0 < score < 1
+    strict, lenient = tmp_path / "strict", tmp_path / "lenient"
+    assert main([str(tmp_path / "raw"), str(strict), "--size", "64", "--workers", "1",
+                 "--min-quality", f"{score + 0.01:.6f}"]) == 0
+    listed = pd.read_csv(strict / "ungradable.csv")
+    assert list(listed.columns) == ["path", "reason", "quality"]
+    assert listed["quality"].iloc[0] == pytest.approx(score, abs=1e-4)
+    assert not (strict / "images" / "soft.jpeg").exists()
+    assert main([str(tmp_path / "raw"), str(lenient), "--size", "64", "--workers", "1",
+                 "--min-quality", f"{score - 0.01:.6f}"]) == 0
+    assert (lenient / "images" / "soft.jpeg").is_file() and not (lenient / "ungradable.csv").exists()
