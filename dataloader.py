@@ -138,15 +138,25 @@ class FundusData:
                            for name, table in self.splits().items()}}
 
 
-def patient_split(names, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (kept, held out), each in the original order; no patient on both sides; same on every run."""
+def patient_split(names, fraction: float, seed: int, flag: str = "split fraction",
+                  what: str = "the table") -> tuple[np.ndarray, np.ndarray]:
+    """Indices (kept, held out), each in the original order; no patient on both sides; same on every run.
+    `flag` and `what` name the fraction and the images in the sentences (--test-fraction, the training
+    table): a fraction that leaves either side without a patient is refused with the counts."""
     from sklearn.model_selection import GroupShuffleSplit
 
     if not 0 < fraction < 1:
-        raise UserError(f"split fraction {fraction} must lie between 0 and 1")
+        raise UserError(f"{flag} {fraction} must lie between 0 and 1")
     groups = [patient_id(n) for n in names]
-    if len(set(groups)) < 2:
-        raise UserError("a patient-grouped split needs at least two patients")
+    patients = len(set(groups))
+    if patients < 2:
+        raise UserError(f"{flag}: a patient-grouped split needs at least two patients, and {what} holds "
+                        f"{patients} ({len(groups)} images)")
+    held = math.ceil(fraction * patients)  # how GroupShuffleSplit counts a float test_size
+    if held >= patients:
+        most = (patients - 1) / patients
+        raise UserError(f"{flag} {fraction} of the {patients} patients in {what} holds out {held} and leaves "
+                        f"{patients - held} to train on; choose at most {math.floor(most * 100) / 100:g}")
     splitter = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
     kept, held_out = next(splitter.split(np.zeros(len(groups)), groups=groups))
     return np.sort(kept), np.sort(held_out)
@@ -194,14 +204,15 @@ def arrange_splits(tables: dict[str, FundusTable], test_fraction: float, val_fra
     (in place of a published one, which is then left out)."""
     train, test, val = tables["train"], tables.get("test"), tables.get("val")
     if test is None:
-        kept, held_out = patient_split(train.names, test_fraction, seed)
+        kept, held_out = patient_split(train.names, test_fraction, seed, "--test-fraction", train.source)
         train, test = (train.subset(kept, f"{train.source} (train part)"),
                        train.subset(held_out, f"{train.source} (test part)"))
     if val_fraction:
         if val is not None:
             log(f"--val-fraction {val_fraction}: the validation part is drawn from the training split; "
                 f"{val.source} is left out")
-        kept, held_out = patient_split(train.names, val_fraction, seed)
+        kept, held_out = patient_split(train.names, val_fraction, seed, "--val-fraction",
+                                       f"the training split ({train.source})")
         train, val = train.subset(kept, train.source), train.subset(held_out, f"{train.source} (validation part)")
     return train, test, val
 

@@ -87,15 +87,49 @@ def progress(iterable, total: int, desc: str, enabled: bool):
 
 
 # --------------------------------------------------------------------------- worker processes
-def worker_signals(_worker_id: int | None = None) -> None:
+def worker_signals(_worker_id: int | None = None, parent: int | None = None) -> None:
     """Signal handling of every worker process (a pool's initializer, a DataLoader's worker_init_fn).
 
     Ctrl-C belongs to the parent, which stops the work and ends the workers; SIGTERM ends a worker,
     which is how pools and DataLoader shut workers down. A forked worker otherwise inherits the
     parent's handlers: train.py's stop request once made idle pool workers shrug off the pool's
-    SIGTERM, and the parent waited for them forever (make demo hung in about half the runs)."""
+    SIGTERM, and the parent waited for them forever (make demo hung in about half the runs).
+
+    A worker also ends with its parent, however the parent ends: a parent killed with SIGKILL (or by
+    `timeout`, a scheduler, the out-of-memory killer) runs no clean-up, and its workers (about 340 MB
+    each in data/prepare.py) went on cropping for good (issue 22)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    die_with_parent(os.getppid() if parent is None else parent)
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int) -> None:
+    """End this process when `parent` ends: on Linux the kernel sends SIGKILL (prctl PR_SET_PDEATHSIG);
+    elsewhere a daemon thread looks for a new parent pid every second. A parent that died before this
+    ran (the fork raced its end) is noticed here at once."""
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+    if os.getppid() != parent:
+        os._exit(1)
+    if not armed:
+        import threading
+
+        def watch():
+            while os.getppid() == parent:
+                threading.Event().wait(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
 
 def _run_chunk(fn, chunk: list) -> list:
@@ -112,7 +146,8 @@ def map_in_processes(fn, items: list, workers: int, chunksize: int = 1):
     if workers <= 1 or len(items) <= 1:
         yield from map(fn, items)
         return
-    with ProcessPoolExecutor(min(workers, len(items)), initializer=worker_signals) as pool:
+    with ProcessPoolExecutor(min(workers, len(items)), initializer=worker_signals,
+                             initargs=(None, os.getpid())) as pool:
         futures = [pool.submit(_run_chunk, fn, items[i:i + chunksize]) for i in range(0, len(items), chunksize)]
         try:
             for future in as_completed(futures):
@@ -165,6 +200,14 @@ def check_output(flag: str, path: str | os.PathLike, folder: bool) -> Path:
     except OSError as err:
         raise UserError(f"{flag} {path} cannot be written: {ancestor} is not writable ({err.strerror})") from None
     return path
+
+
+def fraction_sentence(flag: str, value: float) -> str:
+    """Why a held-out share of patients (--test-fraction) is refused: 0 means something else than 1.5 does."""
+    if value == 0:
+        return (f"{flag} 0 would hold out no patient, leaving no test split to measure on; give the share of "
+                "patients to hold out, between 0 and 1 (0.2 is usual)")
+    return f"{flag} {value} must lie between 0 and 1: the share of patients held out (0.2 is usual)"
 
 
 def check_run_name(name: str) -> str:

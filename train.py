@@ -35,9 +35,9 @@ import models
 import optimisation
 from optimisation import Stopped
 from runtime import (AUC_COLUMN, EXIT_USER_ERROR, NUM_GRADES, Parser, UserError, autocast, check_output,
-                     check_run_name, choose_device, copy_atomic, exit_on_user_error, is_pretrained, load_checkpoint,
-                     make_checkpoint, memory_format, precision, remove_leftovers, restore_model, restore_training,
-                     run_summary, save_atomic, write_text_atomic)
+                     check_run_name, choose_device, copy_atomic, exit_on_user_error, fraction_sentence, is_pretrained,
+                     load_checkpoint, make_checkpoint, memory_format, precision, remove_leftovers, restore_model,
+                     restore_training, run_summary, save_atomic, write_text_atomic)
 
 # Flags a resumed run may change; any other flag would make it a different run.
 RESUME_OVERRIDES = {"epochs", "workers", "device", "compile", "resume", "quiet", "data_root", "image_dir",
@@ -130,7 +130,7 @@ def check_args(args: argparse.Namespace) -> None:
         (args.weight_decay >= 0, "--weight-decay must not be negative"),
         (args.warmup_epochs >= 0, "--warmup-epochs must not be negative"),
         (0 <= args.label_smoothing < 1, "--label-smoothing must lie in [0, 1)"),
-        (0 < args.test_fraction < 1, "--test-fraction must lie between 0 and 1"),
+        (0 < args.test_fraction < 1, fraction_sentence("--test-fraction", args.test_fraction)),
         (0 <= args.val_fraction < 1, "--val-fraction must lie in [0, 1)"),
         (args.image_size is None or args.image_size >= 32, "--image-size must be at least 32"),
         (args.workers is None or args.workers >= 0, "--workers must not be negative"),
