@@ -57,7 +57,7 @@ CASES = [
     (T, "{T} --momentum -1", "--momentum must not be negative"),
     (T, "{T} --label-smoothing 1.5", "--label-smoothing must lie in [0, 1)"),
     (T, "{T} --val-fraction 1", "--val-fraction must lie in [0, 1)"),
-    (T, "{T} --test-fraction 0", "--test-fraction must lie between 0 and 1"),
+    (T, "{T} --test-fraction 0", "--test-fraction 0 would hold out no patient, leaving no test split"),
     (T, "{T} --image-size 16", "--image-size must be at least 32"),
     (T, "{T} --workers -1", "--workers must not be negative"),
     (T, "{T} --grad-accum-steps 0", "--grad-accum-steps must be at least 1"),
@@ -117,6 +117,15 @@ CASES = [
     (R, "{ws}/raw {ws}/out --labels {ws}/header.csv", "{ws}/header.csv has a header but no rows"),
     (R, "{ws}/raw {ws}/out --labels {ws}/nomatch.csv", "--labels {ws}/nomatch.csv"),
     (R, "{ws}/raw {ws}/out --labels {ws}/notes.txt", "{ws}/notes.txt has columns"),
+    # issue 22: sentences that were tracebacks or wrong
+    (T, "{T} --run-name x --batch-size 1", "--batch-size 1 cannot train: BatchNorm"),
+    (T, "{T} --run-name x --val-fraction 0.99", "--val-fraction 0.99 of the 12 patients"),
+    (T, "{T} --run-name x --test-fraction 1.5", "--test-fraction 1.5 must lie between 0 and 1"),
+    (E, "{ckpt} --images {ws}/empty_folder", "--images {ws}/empty_folder: no files there"),
+    (R, "{ws}/raw {ws}/raw", "SRC_DIR {ws}/raw contains DST_DIR's images folder {ws}/raw/images"),
+    (R, "{ws}/raw {ws}/notes.txt", "DST_DIR {ws}/notes.txt is a file, expected a folder"),
+    (R, "{ws}/raw {ws}/notes.txt/out", "DST_DIR {ws}/notes.txt/out cannot be created: {ws}/notes.txt is a file"),
+    (R, "{ws}/raw {ws}/out --labels {ws}/table.csv --test-fraction 0", "--test-fraction 0 would hold out no patient"),
 ]
 
 
