@@ -9,7 +9,6 @@ regions are synchronised on CUDA; each figure is the median of several rounds af
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import json
@@ -37,7 +36,7 @@ import fundus
 import models
 import optimisation
 import synthetic
-from runtime import UserError, autocast, exit_on_user_error, precision
+from runtime import Parser, UserError, autocast, exit_on_user_error, precision
 
 GIB = 1024 ** 3
 
@@ -581,7 +580,7 @@ def report_cuda(r: dict) -> str:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a seconds-long version of every measurement")
     p.add_argument("--cuda", action="store_true", help="the GPU table instead of the CPU one")
     p.add_argument("--out", default=None, help="also write every figure to this JSON file")

@@ -27,8 +27,8 @@ import layouts
 # the lab's files and the table readers live in layouts.py; data/prepare.py and the tests import them
 # from here, as they did before layouts.py existed
 from layouts import LAB_FILES, patient_id, read_column, read_labels_table  # noqa: F401
-from runtime import (NUM_GRADES, Parser, UserError, check_output_file, exit_on_user_error, input_folder,
-                     worker_signals)
+from runtime import (NUM_GRADES, Parser, UserError, check_output_file, exit_on_user_error, fraction_sentence,
+                     input_folder, worker_signals)
 
 # Decoded pixels arrive as read-only numpy arrays; torch warns when it wraps one. Nothing writes to
 # them in place (BatchTransform makes a float copy first), and copying to silence it costs time.
@@ -139,15 +139,25 @@ class FundusData:
                            for name, table in self.splits().items()}}
 
 
-def patient_split(names, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (kept, held out), each in the original order; no patient on both sides; same on every run."""
+def patient_split(names, fraction: float, seed: int, flag: str = "split fraction",
+                  what: str = "the table") -> tuple[np.ndarray, np.ndarray]:
+    """Indices (kept, held out), each in the original order; no patient on both sides; same on every run.
+    `flag` and `what` name the fraction and the images in the sentences (--test-fraction, the training
+    table): a fraction that leaves either side without a patient is refused with the counts."""
     from sklearn.model_selection import GroupShuffleSplit
 
     if not 0 < fraction < 1:
-        raise UserError(f"split fraction {fraction} must lie between 0 and 1")
+        raise UserError(fraction_sentence(flag, fraction))
     groups = [patient_id(n) for n in names]
-    if len(set(groups)) < 2:
-        raise UserError("a patient-grouped split needs at least two patients")
+    patients = len(set(groups))
+    if patients < 2:
+        raise UserError(f"{flag}: a patient-grouped split needs at least two patients, and {what} holds "
+                        f"{patients} ({len(groups)} images)")
+    held = math.ceil(fraction * patients)  # how GroupShuffleSplit counts a float test_size
+    if held >= patients:
+        most = (patients - 1) / patients
+        raise UserError(f"{flag} {fraction} of the {patients} patients in {what} holds out {held} and leaves "
+                        f"{patients - held} to train on; choose at most {math.floor(most * 100) / 100:g}")
     splitter = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
     kept, held_out = next(splitter.split(np.zeros(len(groups)), groups=groups))
     return np.sort(kept), np.sort(held_out)
@@ -183,6 +193,9 @@ def as_table(split: layouts.Split, raw_photos: bool, dataset: str) -> FundusTabl
     """The photos of a split's listing that it uses (graded, not left out), as a FundusTable."""
     rows = split.rows[split.rows["excluded"] == ""]
     extra = {key: rows[key].to_numpy() for key in rows.columns if key not in ("name", "grade", "excluded", "path")}
+    # where each photo is listed, for the sentences that name it: the table's file and its line in that file
+    extra["line"] = rows.index.to_numpy(dtype=np.int64)
+    extra["table"] = np.full(len(rows), str(split.table))
     excluded = split.rows["excluded"][split.rows["excluded"] != ""].value_counts().sort_index()
     return FundusTable(rows["path"].to_numpy(dtype=str), rows["grade"].to_numpy(), str(split.table), raw_photos,
                        dataset, extra, {str(k): int(v) for k, v in excluded.items()})
@@ -195,14 +208,15 @@ def arrange_splits(tables: dict[str, FundusTable], test_fraction: float, val_fra
     (in place of a published one, which is then left out)."""
     train, test, val = tables["train"], tables.get("test"), tables.get("val")
     if test is None:
-        kept, held_out = patient_split(train.names, test_fraction, seed)
+        kept, held_out = patient_split(train.names, test_fraction, seed, "--test-fraction", train.source)
         train, test = (train.subset(kept, f"{train.source} (train part)"),
                        train.subset(held_out, f"{train.source} (test part)"))
     if val_fraction:
         if val is not None:
             log(f"--val-fraction {val_fraction}: the validation part is drawn from the training split; "
                 f"{val.source} is left out")
-        kept, held_out = patient_split(train.names, val_fraction, seed)
+        kept, held_out = patient_split(train.names, val_fraction, seed, "--val-fraction",
+                                       f"the training split ({train.source})")
         train, val = train.subset(kept, train.source), train.subset(held_out, f"{train.source} (validation part)")
     return train, test, val
 
@@ -348,6 +362,14 @@ def collate_fundus(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor,
     return torch.stack(pixels, out=out).permute(0, 3, 1, 2), torch.tensor([grade for _, grade in batch])
 
 
+def listed_at(table: FundusTable, index: int) -> str:
+    """Where the photo at `index` is listed: `line 6 of train.csv` (the file's own line number, header and
+    blank lines counted), or its position where a table was built by hand."""
+    if "line" in table.extra and "table" in table.extra:
+        return f"line {table.extra['line'][index]} of {table.extra['table'][index]}"
+    return f"photo {index + 1} of {table.source}"
+
+
 class FundusDataset(Dataset):
     """uint8 CHW images and integer grades. Holds names and grades only, never decoded pixels.
 
@@ -376,7 +398,7 @@ class FundusDataset(Dataset):
         try:
             img = self.load(path)
         except (OSError, UnidentifiedImageError, ValueError) as err:
-            where = f"{path} (row {index + 1} of {self.table.source})"
+            where = f"{path} ({listed_at(self.table, index)})"
             problem = "found no eye in" if isinstance(err, NoEye) else "cannot decode"
             if not self.skip_bad_images:
                 raise UserError(f"{problem} {where}: {err}; fix or remove it, or pass --skip-bad-images") from None

@@ -16,6 +16,7 @@ import filecmp
 import functools
 import itertools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -37,8 +38,7 @@ GRADES = metrics.GRADES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("checkpoint", help="a .pt file written by train.py")
     p.add_argument("--data-root", default=None, help="dataset folder (default: the one the run trained on)")
     p.add_argument("--image-dir", default=None, help="image folder (default: the run's, or found under --data-root)")
@@ -262,19 +262,21 @@ def split_scores(predictions, reference) -> dict:
 
 # --------------------------------------------------------------------------- new photographs
 def collect_images(paths: list[str]) -> list[Path]:
-    """Files as given (any name: a file that is no image is reported when it fails to decode), and
-    the image files directly inside folders, sorted."""
+    """Files as given, and every file directly inside folders, sorted (hidden ones aside): any name, as a
+    file named directly is graded whatever its extension (.gif, .webp), and one that is no image gets its
+    row with status unreadable and the reason, never a silent skip."""
     found = []
     for name in paths:
         path = Path(name)
         if path.is_dir():
-            found += fundus.image_files(path)
+            with os.scandir(path) as entries:
+                found += sorted(Path(e.path) for e in entries if e.is_file() and not e.name.startswith("."))
         elif path.is_file():
             found.append(path)
         else:
             raise UserError(f"--images {path}: no such file or folder")
     if not found:
-        raise UserError(f"--images {' '.join(paths)}: no image files there ({', '.join(fundus.IMAGE_EXTENSIONS)})")
+        raise UserError(f"--images {' '.join(paths)}: no files there")
     return found
 
 
@@ -577,7 +579,8 @@ def split_outputs(args, checkpoint: dict, reported: str, reference, base: str, c
 def clinical_report(result: dict) -> str:
     """The screening block of the printed report: a few lines with the numbers clinicians judge a grader by."""
     ci = result["ci95"]
-    span = lambda name: f" [{ci[name][0]:.3f}, {ci[name][1]:.3f}]" if ci.get(name) else ""  # noqa: E731
+    span = lambda name: (f" [{ci[name][0]:.3f}, {ci[name][1]:.3f}]" if ci.get(name) else  # noqa: E731
+                         " undefined (one class only: the split holds no referable or only referable photos)")
     pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
     lines = [f"95 % intervals ({result['bootstrap']['resamples']} bootstrap resamples of "
              f"{result['bootstrap']['patients']} patients): accuracy{span('accuracy')}, kappa{span('kappa')}, "

@@ -55,8 +55,9 @@ NO_GRADE = "no adjudicated grade"
 UNGRADABLE = "ungradable (grade 5)"
 DDR_UNGRADABLE = "5"
 # Where photos are looked for when none of a layout's own folders holds them all: sub-folders this deep
-# (Kaggle's uploads often nest a folder in one of the same name), at most this many folders.
-SEARCH_DEPTH = 3
+# (Kaggle's uploads often nest a folder in one of the same name; Messidor-2 ships its photos in several
+# folders, which archives put four or more levels down), at most this many folders.
+SEARCH_DEPTH = 8
 SEARCH_FOLDERS = 500
 
 
@@ -67,7 +68,7 @@ def read_lines(path: Path) -> tuple[list[str], list[int]]:
     if not path.is_file():
         raise UserError(f"{path} is missing" + (" (it is a folder)" if path.is_dir() else ""))
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")  # Excel and Notepad start a UTF-8 file with a BOM
     except UnicodeDecodeError:
         raise UserError(f"{path} is not a text file") from None
     values, numbers = [], []
@@ -148,7 +149,7 @@ def read_labels_table(path: Path) -> pd.DataFrame:
     frame = read_header_table(path)
     for name, grade in LABEL_TABLES.values():
         if {name, grade} <= set(frame.columns):
-            return graded_rows(frame, path, name, grade)
+            return check_conflicts(graded_rows(frame, path, name, grade), path)
     expected = " or ".join(f"'{a},{b}'" for a, b in LABEL_TABLES.values())
     raise UserError(f"{path} has columns {list(frame.columns)}; expected a header {expected}")
 
@@ -156,11 +157,12 @@ def read_labels_table(path: Path) -> pd.DataFrame:
 def read_lab(path: Path) -> pd.DataFrame:
     """One split of the lab layout: <split>_img.csv and the <split>_label.csv beside it."""
     label_path = path.with_name(dict(LAB_FILES.values())[path.name])
-    names, (labels, lines) = read_column(path), read_lines(label_path)
+    (names, name_lines), (labels, lines) = read_lines(path), read_lines(label_path)
     if len(names) != len(labels):
         raise UserError(f"{path} lists {len(names)} images but {label_path} lists {len(labels)} grades; "
                         "the two files must have one line per image, in the same order")
-    return listing(names, parse_grades(labels, str(label_path), lines), lines)
+    # indexed by the image's line in <split>_img.csv, the file the listing is named after
+    return listing(names, parse_grades(labels, str(label_path), lines), name_lines)
 
 
 def read_messidor(path: Path) -> pd.DataFrame:
@@ -187,7 +189,7 @@ def read_ddr(path: Path) -> pd.DataFrame:
     """DR_grading/<split>.txt: `<file> <grade>` a line (space-separated, no header); grade 5 is
     DDR's ungradable, listed as left out."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")  # Excel and Notepad start a UTF-8 file with a BOM
     except UnicodeDecodeError:
         raise UserError(f"{path} is not a text file") from None
     rows = [(number, line.split()) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
@@ -202,6 +204,25 @@ def read_ddr(path: Path) -> pd.DataFrame:
     grades = np.full(len(rows), -1, dtype=np.int64)
     grades[kept] = parse_grades(np.array(values)[kept], str(path), np.array(lines)[kept])
     return listing(names, grades, lines, excluded)
+
+
+def check_conflicts(rows: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """A photo a table lists twice with two verdicts (two grades, or a grade and a reason to leave it out)
+    is refused, naming the lines: one of them is wrong, and training on both teaches noise. The same
+    photo listed twice alike is left to the data card (`listed twice`)."""
+    verdict = rows["grade"].astype(str) + "|" + rows["excluded"].astype(str)
+    photo = rows["name"].map(image_stem)
+    mixed = verdict.groupby(photo).nunique()
+    mixed = mixed[mixed > 1]
+    if mixed.empty:
+        return rows
+    first = mixed.index[0]
+    listed = rows[photo == first]
+    said = ", ".join(f"line {line} {'grade ' + str(g) if not why else why}"
+                     for line, g, why in zip(listed.index, listed["grade"], listed["excluded"]))
+    more = f" ({len(mixed) - 1} more photos like it)" if len(mixed) > 1 else ""
+    raise UserError(f"{path} lists photo {first} with different grades: {said}{more}; keep the right line "
+                    "and delete the other")
 
 
 def patient_id(name: str) -> str:
@@ -395,6 +416,7 @@ def locate(names: list[str], folders: list[Path], search: Path | None, table: Pa
     sub-folder of it that does) and its index; else one sentence: how many are missing where they were
     expected, and which folder holds most of them, to pass as --image-dir."""
     best: tuple[Path | None, dict, int] = (None, {}, -1)
+    searched = []
     for folder in [*folders, *(f for f in sub_folders(search) if f not in folders)] if search else folders:
         images = index_images(folder)
         held = sum(lookup(images, n) is not None for n in names)
@@ -402,6 +424,15 @@ def locate(names: list[str], folders: list[Path], search: Path | None, table: Pa
             return folder, images
         if held > best[2]:
             best = (folder, images, held)
+        if held:
+            searched.append((folder, images))
+    # photos spread over sibling folders (Messidor-2's Base11 ... Base34) are one set; folders elsewhere are
+    # not joined: a resized copy beside the originals would mix two versions of the photos
+    for parent in dict.fromkeys(folder.parent for folder, _ in searched) if search else ():
+        siblings = [images for folder, images in searched if folder.parent == parent]
+        together = {key: path for images in reversed(siblings) for key, path in images.items()}  # first wins
+        if len(siblings) > 1 and all(lookup(together, n) is not None for n in names):
+            return parent, together
     expected = folders[0] if folders else search or table.parent
     where, images, held = best if best[2] > 0 else (expected, {}, 0)
     missing = [n for n in names if lookup(images, n) is None]
@@ -435,7 +466,7 @@ def read_splits(layout: Layout, base: Path, image_dir: Path | None = None) -> di
         if table is None:
             raise UserError(f"{base / source.tables[0]} is missing: the {layout.title} layout's {source.split} "
                             f"split (the layout is {layout.signature()})")
-        rows = source.read(table)
+        rows = check_conflicts(source.read(table), table)
         graded = rows["excluded"] == ""
         folder, images = locate(rows["name"][graded].tolist(), photo_folders(base, source, table, image_dir),
                                 base if image_dir is None else None, table)

@@ -13,7 +13,10 @@ each epoch, plot.py draws what the JSON holds. Nothing here touches a model.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import (accuracy_score, cohen_kappa_score, confusion_matrix, f1_score,
                              precision_recall_fscore_support, roc_auc_score, roc_curve)
 
@@ -41,7 +44,11 @@ def grading_metrics(grades, preds) -> dict:
     matrix over the five grades, all from scikit-learn."""
     grades, preds = np.asarray(grades), np.asarray(preds)
     precision, recall, f1, support = precision_recall_fscore_support(grades, preds, labels=GRADES, zero_division=0)
-    kappa = cohen_kappa_score(grades, preds, weights="quadratic", labels=GRADES)
+    with warnings.catch_warnings():
+        # a split (or a batch of predictions) holding one grade leaves kappa undefined: reported as 0, and
+        # train.py says once in words which split holds one grade, instead of a warning every epoch
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        kappa = cohen_kappa_score(grades, preds, weights="quadratic", labels=GRADES)
     return {
         "accuracy": float(accuracy_score(grades, preds)),
         "kappa": 0.0 if np.isnan(kappa) else float(kappa),

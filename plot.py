@@ -64,7 +64,7 @@ def visible(folder, pattern: str) -> list[Path]:
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path} is not valid JSON ({_one_line(err)}); rerun the script that wrote it "
                         "or move the file out of the log folder.") from None
@@ -86,6 +86,13 @@ def _read_history(csv_path: Path) -> pd.DataFrame:
                         "per-epoch log from train.py.")
     if history.empty:  # a header and no rows: the run has not finished an epoch (its columns read as text)
         return history
+    cut = history[list(LOG_COLUMNS)].isna().any(axis=1)
+    if cut.any():  # a row with empty cells (a file cut mid-row, a copy that stopped) is not an epoch
+        lines = ", ".join(str(i + 2) for i in history.index[cut][:3])
+        print(f"plot.py: {csv_path}: line {lines} lacks cells, not counted as an epoch")
+        history = history[~cut]
+        if history.empty:
+            return history
     text = [c for c in history.columns if not pd.api.types.is_numeric_dtype(history[c])]
     if text:
         raise UserError(f"{csv_path} holds non-numbers in the column(s) {', '.join(text)}.")
@@ -104,17 +111,22 @@ def load_runs(logdir) -> list[dict]:
     if not logdir.is_dir():
         raise UserError(f"log folder {logdir} does not exist; pass the folder train.py wrote "
                         "<run>.csv and <run>.json into (its --log-dir, default logs).")
-    runs = []
+    runs, skipped = [], []
     for json_path in visible(logdir, "*.json"):
         if json_path.name.endswith("_eval.json"):
             continue
-        info = _read_json(json_path)
-        absent = [key for key in ("arch", "pretrained") if key not in info]
-        csv_path = json_path.with_suffix(".csv")
-        if absent or not csv_path.is_file():
-            what = f"has no '{absent[0]}' field" if absent else f"has no {csv_path.name} beside it"
-            raise UserError(f"{json_path} {what}, so it is not a complete run log from train.py; "
-                            "move it out of the log folder.")
+        try:  # a JSON that is no run log (another tool's, a broken copy) is passed over, as unfinished runs are
+            info = _read_json(json_path)
+            absent = [key for key in ("arch", "pretrained") if key not in info]
+            csv_path = json_path.with_suffix(".csv")
+            if absent or not csv_path.is_file():
+                what = f"has no '{absent[0]}' field" if absent else f"has no {csv_path.name} beside it"
+                raise UserError(f"{json_path} {what}, so it is not a complete run log from train.py; "
+                                "move it out of the log folder.")
+        except UserError as err:
+            skipped.append(str(err))
+            print(f"plot.py: skipping {json_path.name}: {err}")
+            continue
         history = _read_history(csv_path)
         if history.empty:
             print(f"plot.py: skipping {json_path.stem}: {csv_path} holds no finished epoch yet.")
@@ -124,7 +136,8 @@ def load_runs(logdir) -> list[dict]:
                      "path": json_path, "mtime": max(json_path.stat().st_mtime, csv_path.stat().st_mtime)})
     if not runs:
         raise UserError(f"{logdir} holds no run logs (<run>.json with <run>.csv beside it); train a "
-                        "model first or pass the folder train.py wrote its logs into.")
+                        "model first or pass the folder train.py wrote its logs into."
+                        + (f" Skipped: {skipped[0]}" if skipped else ""))
     return runs
 
 
@@ -132,7 +145,11 @@ def load_evals(logdir) -> list[dict]:
     """One dict per *_eval.json: name (stem without _eval), path, data, matrix (counts, float array)."""
     evals = []
     for path in visible(logdir, "*_eval.json"):
-        data = _read_json(path)
+        try:
+            data = _read_json(path)
+        except UserError as err:
+            print(f"plot.py: skipping {path.name}: {err}")
+            continue
         try:
             matrix = np.asarray(data["confusion_matrix"], dtype=float)
         except (KeyError, TypeError, ValueError):

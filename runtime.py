@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import functools
 import os
 import pickle
 import random
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -73,8 +75,24 @@ def exit_on_user_error(main):
     return wrapper
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help states each default once: argparse's own "(default: X)" only where the help does not already
+    say what the default is, and never for a default that is no value (None, off)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse with its errors in one line and no usage block: the message names the flag."""
+    """argparse with its errors in one line and no usage block: the message names the flag; --help
+    states every default once (HelpFormatter)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}\n")
@@ -87,15 +105,49 @@ def progress(iterable, total: int, desc: str, enabled: bool):
 
 
 # --------------------------------------------------------------------------- worker processes
-def worker_signals(_worker_id: int | None = None) -> None:
+def worker_signals(_worker_id: int | None = None, parent: int | None = None) -> None:
     """Signal handling of every worker process (a pool's initializer, a DataLoader's worker_init_fn).
 
     Ctrl-C belongs to the parent, which stops the work and ends the workers; SIGTERM ends a worker,
     which is how pools and DataLoader shut workers down. A forked worker otherwise inherits the
     parent's handlers: train.py's stop request once made idle pool workers shrug off the pool's
-    SIGTERM, and the parent waited for them forever (make demo hung in about half the runs)."""
+    SIGTERM, and the parent waited for them forever (make demo hung in about half the runs).
+
+    A worker also ends with its parent, however the parent ends: a parent killed with SIGKILL (or by
+    `timeout`, a scheduler, the out-of-memory killer) runs no clean-up, and its workers (about 340 MB
+    each in data/prepare.py) went on cropping for good (issue 22)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    die_with_parent(os.getppid() if parent is None else parent)
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int) -> None:
+    """End this process when `parent` ends: on Linux the kernel sends SIGKILL (prctl PR_SET_PDEATHSIG);
+    elsewhere a daemon thread looks for a new parent pid every second. A parent that died before this
+    ran (the fork raced its end) is noticed here at once."""
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+    if os.getppid() != parent:
+        os._exit(1)
+    if not armed:
+        import threading
+
+        def watch():
+            while os.getppid() == parent:
+                threading.Event().wait(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
 
 def _run_chunk(fn, chunk: list) -> list:
@@ -112,7 +164,8 @@ def map_in_processes(fn, items: list, workers: int, chunksize: int = 1):
     if workers <= 1 or len(items) <= 1:
         yield from map(fn, items)
         return
-    with ProcessPoolExecutor(min(workers, len(items)), initializer=worker_signals) as pool:
+    with ProcessPoolExecutor(min(workers, len(items)), initializer=worker_signals,
+                             initargs=(None, os.getpid())) as pool:
         futures = [pool.submit(_run_chunk, fn, items[i:i + chunksize]) for i in range(0, len(items), chunksize)]
         try:
             for future in as_completed(futures):
@@ -167,6 +220,14 @@ def check_output(flag: str, path: str | os.PathLike, folder: bool) -> Path:
     return path
 
 
+def fraction_sentence(flag: str, value: float) -> str:
+    """Why a held-out share of patients (--test-fraction) is refused: 0 means something else than 1.5 does."""
+    if value == 0:
+        return (f"{flag} 0 would hold out no patient, leaving no test split to measure on; give the share of "
+                "patients to hold out, between 0 and 1 (0.2 is usual)")
+    return f"{flag} {value} must lie between 0 and 1: the share of patients held out (0.2 is usual)"
+
+
 def check_run_name(name: str) -> str:
     """--run-name names a folder under --checkpoint-dir and files under --log-dir: a plain file name."""
     if not name or name in (".", "..") or "/" in name or "\\" in name or os.sep in name or "\0" in name:
@@ -180,6 +241,13 @@ FILE_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "a PNG image"), (b"\xff\xd8\xff", "a J
                    (b"%PDF", "a PDF document"), (b"\x1f\x8b", "a gzip archive"), (b"SQLite format 3", "a database"))
 
 
+# A pickle of protocol 0 or 1 reads as text: it opens with a mark, a global (`cposix\nsystem\n`) or a
+# dict/list and its first item, and the loader names what it holds (a global that would run code).
+TEXT_PICKLE = re.compile(rb"(\((d|l)p0\n|c[\w.]+\n[\w.]+\n|\}q\x00|\]q\x00)")
+# torch.load's sentences for a global weights_only will not load, across versions
+FORBIDDEN_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)")
+
+
 def describe_file(path: Path) -> str | None:
     """What the file is when it is plainly not a PyTorch file (an image, a text, CSV or JSON file, an empty
     file); None when it may be one (torch.save writes a zip archive; older files are a pickle)."""
@@ -187,7 +255,7 @@ def describe_file(path: Path) -> str | None:
         head = f.read(4096)
     if not head:
         return "an empty file"
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" or TEXT_PICKLE.match(head):
         return None
     for signature, kind in FILE_SIGNATURES:
         if head.startswith(signature):
@@ -216,10 +284,16 @@ def read_torch_file(flag: str, path: str | os.PathLike):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        forbidden = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        forbidden = FORBIDDEN_GLOBAL.search(str(err))
         if forbidden:
-            raise UserError(f"refused {path}: it holds pickled objects that are not plain tensors and data "
-                            f"({forbidden.group(1)}), which could run code on loading") from None
+            raise UserError(f"refused {flag} {path}: it holds pickled code ({forbidden.group(1)}), not only tensors "
+                            "and data; loading it would run that code, so it is refused for safety (weights_only="
+                            "True); load only checkpoints written by train.py") from None
+        if "Weights only load failed" in str(err):
+            operand = re.search(r"Unsupported operand \d+", str(err))
+            raise UserError(f"refused {flag} {path}: a pickle that torch's safe loader (weights_only=True) cannot "
+                            f"read{f' ({operand.group(0)})' if operand else ''}; it may hold code, so it is not "
+                            "loaded; load only checkpoints written by train.py") from None
         raise UserError(f"cannot read {flag} {path}: not a PyTorch file") from None
     except Exception as err:  # torch.load's parsers raise anything on foreign bytes: KeyError, IndexError, ...
         raise UserError(f"cannot read {flag} {path}: truncated or not a PyTorch file ({type(err).__name__})") from None
@@ -276,6 +350,8 @@ OUTPUT_KINDS = {
     "a summary table of plot.py": lambda p: _first_line(p).startswith("| run |"),
     "a list of left-out photos of dataloader.py": lambda p: _first_line(p).startswith("split,name,reason,path"),
     "a list of ungradable photos of data/prepare.py": lambda p: _first_line(p).startswith("path,reason"),
+    # the lab layout's CSVs have no header: prepare.py's are those of a folder it made (its options record)
+    "a lab-layout table of data/prepare.py": lambda p: (p.parent / "prepare_options.json").is_file(),
     "a run's per-epoch log of train.py": lambda p: _first_line(p).startswith("epoch,train_loss,"),
     "a run's summary of train.py": lambda p: {"run_name", "epochs_done", "config"} <= _json_keys(p),
     "a checkpoint": lambda p: "data.pkl" in _zip_members(p),
@@ -334,9 +410,34 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full(path, None) from None
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def disk_full(path: Path, needed: int | None) -> UserError:
+    """The sentence for a write the disk had no room for: where, how much is free, how much it needed."""
+    free = shutil.disk_usage(path.parent).free
+    need = f", which needs about {needed / 2**20:,.0f} MB" if needed else ""
+    return UserError(f"the disk holding {path.parent} is full ({free / 2**20:,.0f} MB free): {path.name} could not "
+                     f"be written{need}; the file there before, if any, is unchanged; free some space (or write to "
+                     "another disk) and run again")
+
+
+def tensor_bytes(obj) -> int:
+    """The bytes of every tensor in a nested dict/list: about what torch.save writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def remove_leftovers(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
@@ -358,16 +459,33 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 def save_atomic(obj, path: str | os.PathLike) -> None:
-    """torch.save(obj) into `path`, atomically (see atomic_write)."""
-    with atomic_write(path) as f:
-        torch.save(obj, f)
+    """torch.save(obj) into `path`, atomically (see atomic_write). A full disk is one sentence with the size
+    the file needs: torch.save reports it as `RuntimeError: [enforce fail at inline_container.cc ...]`."""
+    path = Path(path)
+    try:
+        with atomic_write(path) as f:
+            torch.save(obj, f)
+    except UserError as err:
+        if "is full" in str(err):
+            raise disk_full(path, tensor_bytes(obj)) from None
+        raise
+    except RuntimeError:
+        needed = tensor_bytes(obj)
+        if shutil.disk_usage(path.parent).free < needed + 2**20:
+            raise disk_full(path, needed) from None
+        raise
 
 
 def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """A copy of the file `src` at `dst`, atomically (see atomic_write)."""
-    with open(src, "rb") as source, atomic_write(dst) as f:
-        while chunk := source.read(1 << 24):
-            f.write(chunk)
+    try:
+        with open(src, "rb") as source, atomic_write(dst) as f:
+            while chunk := source.read(1 << 24):
+                f.write(chunk)
+    except UserError as err:
+        if "is full" in str(err):
+            raise disk_full(Path(dst), os.path.getsize(src)) from None
+        raise
 
 
 # --------------------------------------------------------------------------- device and precision

@@ -11,7 +11,6 @@ so a small ResNet learns the task but does not find it trivial.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import math
 import os
@@ -25,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from layouts import LAB_FILES, read_column
-from runtime import UserError, map_in_processes
+from runtime import Parser, UserError, map_in_processes
 
 GRADE_MIX = (0.73, 0.07, 0.15, 0.025, 0.025)
 DEMO_DEFAULTS = dict(n_train=1200, n_test=300, size=128, seed=0)
@@ -458,7 +457,7 @@ CLI_FLAGS = {"n_train": "--train", "n_test": "--test", "size": "--size", "seed":
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Write the synthetic fundus demo set in the lab layout.")
+    parser = Parser(description="Write the synthetic fundus demo set in the lab layout.")
     parser.add_argument("--root", default="data/demo", help="output folder (default: data/demo)")
     parser.add_argument("--train", type=int, default=DEMO_DEFAULTS["n_train"],
                         help=f"training images (default: {DEMO_DEFAULTS['n_train']})")

@@ -35,10 +35,10 @@ import layouts
 import models
 import optimisation
 from optimisation import Stopped
-from runtime import (AUC_COLUMN, EXIT_USER_ERROR, NUM_GRADES, Parser, UserError, autocast, check_output,
-                     check_run_name, choose_device, copy_atomic, exit_on_user_error, is_pretrained, load_checkpoint,
-                     make_checkpoint, memory_format, precision, remove_leftovers, restore_model, restore_training,
-                     OUTPUT_KINDS, run_summary, save_atomic, weights_digest, what_file_is,
+from runtime import (AUC_COLUMN, EXIT_USER_ERROR, LOG_COLUMNS, NUM_GRADES, OUTPUT_KINDS, Parser, UserError, autocast,
+                     check_output, check_run_name, choose_device, copy_atomic, exit_on_user_error, fraction_sentence,
+                     is_pretrained, load_checkpoint, make_checkpoint, memory_format, precision, remove_leftovers,
+                     restore_model, restore_training, run_summary, save_atomic, weights_digest, what_file_is,
                      write_text_atomic)
 
 # Flags a resumed run may change; any other flag would make it a different run.
@@ -48,8 +48,7 @@ RESUME_OVERRIDES = {"epochs", "workers", "device", "compile", "resume", "quiet",
 
 # --------------------------------------------------------------------------- command line
 def build_parser() -> Parser:
-    p = Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     g = p.add_argument_group("model")
     g.add_argument("--model", default="resnet18", choices=list(models.ARCHS), help="architecture")
     g.add_argument("--pretrained", action="store_true", help="start from torchvision's ImageNet weights")
@@ -126,13 +125,18 @@ def check_args(args: argparse.Namespace) -> None:
     rules = [
         (args.epochs >= 1, "--epochs must be at least 1"),
         (args.batch_size >= 1, "--batch-size must be at least 1"),
+        # BatchNorm normalises a batch by its own mean and variance: one image has none to speak of (and
+        # at 1x1 in layer4 none at all: "Expected more than 1 value per channel when training")
+        (args.batch_size != 1, "--batch-size 1 cannot train: BatchNorm normalises each batch by its own "
+                               "statistics and needs at least 2 images a batch; use 2 or more (32 is usual; "
+                               "--grad-accum-steps sums small batches into a larger step)"),
         (args.grad_accum_steps >= 1, "--grad-accum-steps must be at least 1"),
         (args.lr > 0, "--lr must be positive"),
         (args.momentum >= 0, "--momentum must not be negative"),
         (args.weight_decay >= 0, "--weight-decay must not be negative"),
         (args.warmup_epochs >= 0, "--warmup-epochs must not be negative"),
         (0 <= args.label_smoothing < 1, "--label-smoothing must lie in [0, 1)"),
-        (0 < args.test_fraction < 1, "--test-fraction must lie between 0 and 1"),
+        (0 < args.test_fraction < 1, fraction_sentence("--test-fraction", args.test_fraction)),
         (0 <= args.val_fraction < 1, "--val-fraction must lie in [0, 1)"),
         (args.image_size is None or args.image_size >= 32, "--image-size must be at least 32"),
         (args.workers is None or args.workers >= 0, "--workers must not be negative"),
@@ -569,13 +573,27 @@ def agree_on_claim(args, resumed, env: Dist) -> RunLock | None:
     return lock
 
 
+def logged_epochs(csv_path: Path) -> int:
+    """The epochs logs/<run>.csv holds whole: a row with empty cells (a file cut mid-row) is no epoch; -1
+    when the file is missing or unreadable."""
+    try:
+        history = pd.read_csv(csv_path)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+        return -1
+    columns = [c for c in LOG_COLUMNS if c in history.columns]
+    if len(columns) < len(LOG_COLUMNS):
+        return -1
+    return int((~history[columns].isna().any(axis=1)).sum())
+
+
 def repair_outputs(checkpoint: dict, run_dir: Path, log_dir: Path, env_info: dict, log) -> None:
     """A run killed while it wrote an epoch leaves last.pt ahead of best.pt (written second) or of the
     logs (written last); resuming from last.pt brings them level before anything else happens."""
     best, epoch = run_dir / "best.pt", checkpoint["epoch"]
     stale_best = checkpoint["best_epoch"] == epoch and (not best.is_file() or load_checkpoint(best)["epoch"] != epoch)
     summary = log_dir / f"{checkpoint['config']['run_name']}.json"
-    stale_logs = not summary.is_file() or json.loads(summary.read_text()).get("epochs_done") != epoch
+    stale_logs = (not summary.is_file() or json.loads(summary.read_text()).get("epochs_done") != epoch
+                  or logged_epochs(summary.with_suffix(".csv")) != epoch)
     if stale_best or stale_logs:
         log(f"brought {'best.pt and ' if stale_best else ''}the logs level with epoch {epoch} of the checkpoint "
             "(the run had stopped while writing them)")
@@ -615,6 +633,12 @@ def run(args, resumed: dict | None, env: Dist, device: torch.device, stop: StopR
     left_out = "".join(f" | left out: {n} {reason}" for reason, n in fundus.excluded_counts().items())
     log(f"data: {fundus.layout} layout at {fundus.root} | {sizes} | train grades {counts}{left_out} | "
         f"{args.image_size}px" + (", raw photos cropped to the eye" if fundus.train.raw_photos else ""))
+    for split, table in fundus.splits().items():
+        held, referable = sorted(set(table.grades.tolist())), set((table.grades >= 2).tolist())
+        if split != "train" and (len(held) == 1 or len(referable) == 1):
+            log(f"note: the {split} split holds grade{'s' if len(held) > 1 else ''} {', '.join(map(str, held))} "
+                "only: " + ("its kappa is undefined (logged as 0) and " if len(held) == 1 else "")
+                + "its referable AUC is undefined without both referable and non-referable photos (logged empty)")
     training = build_training(args, fundus, env, device, log)
     env_info, run_dir = environment(device, env), Path(args.checkpoint_dir) / args.run_name
     done = resume(args, resumed, training, log) if resumed else Progress()

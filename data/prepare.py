@@ -9,8 +9,9 @@ DST_DIR also gets the lab layout (train_img.csv, train_label.csv, test_img.csv, 
 split by patient. Photos that are not gradable fundus photographs (fundus.assess: a quality score under
 --min-quality; too dark, overexposed, not a colour photo, not a fundus photo, low contrast, out of focus)
 stay out of images/ and are listed with the reason and score in DST_DIR/ungradable.csv (--keep-ungradable
-crops them too). Re-runnable:
-finished images are skipped, so an interrupted run just resumes.
+crops them too). Re-runnable: finished images are skipped, so an interrupted run (Ctrl-C, SIGTERM, even
+SIGKILL) just resumes. A crop counts as finished only when DST_DIR/prepared.txt lists it: a file
+prepare.py did not write is never taken for a crop (a raw photo in images/ once was), and never overwritten.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import argparse
 import functools
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -29,23 +31,85 @@ try:
 except ModuleNotFoundError:  # run with a Python that has the requirements but not the repo installed
     sys.exit("data/prepare.py: error: the repo's modules are not importable with this Python; run `make` (or "
              "`pip install -e .`) in the repo folder, or run `python -m data.prepare` from it")
-from dataloader import LAB_FILES, default_workers, patient_split, read_labels_table  # noqa: E402
+from dataloader import LAB_FILES, default_workers, header_size, patient_split, read_labels_table  # noqa: E402
 from fundus import FAILED, KEPT, UNGRADABLE, WRITTEN  # noqa: E402
 from layouts import image_stem  # noqa: E402
-from runtime import (Parser, UserError, atomic_write, exit_on_user_error, input_file, input_folder,  # noqa: E402
-                     map_in_processes, remove_leftovers, write_text_atomic)
+from runtime import (Parser, UserError, check_output, check_output_file, exit_on_user_error,  # noqa: E402
+                     fraction_sentence, input_file, input_folder, map_in_processes, remove_leftovers,
+                     write_text_atomic)
 
 FAILURES_FILE = "prepare_failures.txt"
 UNGRADABLE_FILE = "ungradable.csv"
 OPTIONS_FILE = "prepare_options.json"
+PREPARED_FILE = "prepared.txt"  # the crops prepare.py wrote into images/, one file name a line
+CROP_SUFFIX = ".crop.tmp"  # a worker's crop, renamed into place by the main process once it is recorded
 SHOWN_FAILURES = 20
 
 
 # --------------------------------------------------------------------------- one photo
 def prepare_pair(paths: tuple[Path, Path], size: int, ben_graham: bool, quality: int, keep_ungradable: bool,
                  min_quality: float | None) -> tuple[Path, str, str, float | None]:
-    return (paths[0], *fundus.prepare_photo(paths[0], paths[1], size, ben_graham, quality, keep_ungradable,
-                                            min_quality))
+    """Crop one photo into a hidden file beside its output (see Crops.finish for why): (photo, outcome,
+    reason, quality score)."""
+    return (paths[0], *fundus.prepare_photo(paths[0], crop_file(paths[1]), size, ben_graham, quality,
+                                            keep_ungradable, min_quality))
+
+
+def crop_file(output: Path) -> Path:
+    # hidden and ending in .tmp: remove_leftovers clears those of a killed run
+    return output.with_name(f".{output.name}{CROP_SUFFIX}")
+
+
+class Crops:
+    """The record of the crops prepare.py wrote (DST_DIR/prepared.txt). A crop is recorded first, then
+    renamed into images/, so a kill at any instant leaves no unrecorded crop there: only a recorded name
+    whose file is missing (done again) or a hidden temporary file (removed by the next run)."""
+
+    def __init__(self, dst_dir: Path):
+        self.path = dst_dir / PREPARED_FILE
+        self.out_dir = dst_dir / "images"
+        self.names: set[str] = set()
+        if self.path.is_file():
+            self.names = {line.strip() for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()}
+        self.file = None
+
+    def done(self) -> set[str]:
+        """The recorded crops that are in images/ (one listing, no stat each)."""
+        present = {entry.name for entry in os.scandir(self.out_dir)} if self.out_dir.is_dir() else set()
+        return self.names & present
+
+    def foreign(self, size: int) -> list[str]:
+        """The files in images/ that prepare.py did not write. A folder made before the record existed
+        (prepare_options.json but no prepared.txt) has its crops adopted: JPEGs of size x size pixels."""
+        if not self.out_dir.is_dir():
+            return []
+        files = sorted(entry.name for entry in os.scandir(self.out_dir)
+                       if not entry.name.startswith(".") and entry.is_file())
+        if not self.path.is_file() and (self.path.parent / OPTIONS_FILE).is_file():
+            adopted = [n for n in files if n.endswith(".jpeg") and header_size(self.out_dir / n) == (size, size)]
+            if adopted:
+                self.record(adopted)
+                print(f"prepare: {len(adopted)} crops made before {PREPARED_FILE} was kept are recorded in it")
+        return [n for n in files if n not in self.names]
+
+    def record(self, names: list[str]) -> None:
+        # one os.write a record: a signal handler runs between Python's steps, never inside the call, so
+        # Ctrl-C cannot leave half a name that would glue itself to the next one
+        if self.file is None:
+            self.file = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.write(self.file, "".join(f"{name}\n" for name in names).encode())
+        os.fsync(self.file)
+        self.names.update(names)
+
+    def finish(self, output: Path) -> None:
+        """A worker's crop into place: recorded, then renamed."""
+        self.record([output.name])
+        os.replace(crop_file(output), output)
+
+    def close(self) -> None:
+        if self.file is not None:
+            os.close(self.file)
+            self.file = None
 
 
 # --------------------------------------------------------------------------- the folder
@@ -88,28 +152,52 @@ def as_flags(options: dict) -> str:
     return f"--size {options.get('size')}" + (" --ben-graham" if options.get("ben_graham") else "")
 
 
-def pending(photos: list[Path], out_dir: Path) -> tuple[list[tuple[Path, Path]], int]:
-    """(source, output) pairs still to do, and how many are done already (one listing, no stat each)."""
-    remove_leftovers(out_dir)  # temporary files of a run killed mid-write
-    done = {entry.name for entry in os.scandir(out_dir)}
-    todo = [(p, out_dir / f"{p.stem}.jpeg") for p in photos if f"{p.stem}.jpeg" not in done]
+def pending(photos: list[Path], crops: Crops) -> tuple[list[tuple[Path, Path]], int]:
+    """(source, output) pairs still to do, and how many are done already: crops prepare.py recorded."""
+    remove_leftovers(crops.out_dir)  # temporary files of a run killed mid-write
+    done = crops.done()
+    todo = [(p, crops.out_dir / f"{p.stem}.jpeg") for p in photos if f"{p.stem}.jpeg" not in done]
     return todo, len(photos) - len(todo)
 
 
-def run_all(todo: list[tuple[Path, Path]], args: argparse.Namespace) -> dict[str, dict[Path, tuple]]:
+class Interrupted(BaseException):
+    """SIGTERM (as `timeout`, schedulers and `kill` send it), raised where the main process is, as Ctrl-C is."""
+
+
+def raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def run_all(todo: list[tuple[Path, Path]], args: argparse.Namespace,
+            crops: Crops) -> tuple[dict[str, dict[Path, tuple]], int]:
     """Crop every pair on args.workers processes: {WRITTEN, KEPT, UNGRADABLE, FAILED: {photo: (reason,
-    quality score)}}."""
+    quality score)}}, and
+    the signal that stopped the work early (0: none); what was finished by then is recorded and kept."""
     work = functools.partial(prepare_pair, size=args.size, ben_graham=args.ben_graham, quality=args.quality,
                              keep_ungradable=args.keep_ungradable, min_quality=args.min_quality)
     bar = tqdm(total=len(todo), unit="img", disable=not sys.stderr.isatty())
     outcomes = {WRITTEN: {}, KEPT: {}, UNGRADABLE: {}, FAILED: {}}
-    # chunks of 4: a photo takes 50-150 ms, so handing them out costs nothing, and the last
-    # chunks finish together instead of one worker holding a long tail
-    for src, outcome, reason, score in map_in_processes(work, todo, args.workers, chunksize=4):
-        outcomes[outcome][src] = (reason, score)
-        bar.update()
-    bar.close()
-    return outcomes
+    output = dict(todo)
+    previous = signal.signal(signal.SIGTERM, raise_interrupted)
+    stopped = 0
+    try:
+        # chunks of 4: a photo takes 50-150 ms, so handing them out costs nothing, and the last
+        # chunks finish together instead of one worker holding a long tail
+        for src, outcome, reason, score in map_in_processes(work, todo, args.workers, chunksize=4):
+            if outcome in (WRITTEN, KEPT):
+                crops.finish(output[src])
+            outcomes[outcome][src] = (reason, score)
+            bar.update()
+    except KeyboardInterrupt:
+        stopped = signal.SIGINT
+    except Interrupted:
+        stopped = signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        bar.close()
+        crops.close()
+        remove_leftovers(crops.out_dir)  # crops the workers finished while the pool stopped, never recorded
+    return outcomes, stopped
 
 
 def report(outcomes: dict[str, dict[Path, tuple]], skipped: int, dst_dir: Path) -> None:
@@ -143,10 +231,10 @@ def report(outcomes: dict[str, dict[Path, tuple]], skipped: int, dst_dir: Path) 
 
 
 # --------------------------------------------------------------------------- labels -> lab layout
-def write_lab_layout(table, photos: list[Path], out_dir: Path, dst_dir: Path, fraction: float, seed: int) -> None:
+def write_lab_layout(table, photos: list[Path], crops: Crops, dst_dir: Path, fraction: float, seed: int) -> None:
     """The four header-less lab CSVs for the rows whose crop exists, split by patient."""
     names = [image_stem(n) for n in table["name"]]
-    done = {entry.name[:-len(".jpeg")] for entry in os.scandir(out_dir) if entry.name.endswith(".jpeg")}
+    done = {name[:-len(".jpeg")] for name in crops.done() if name.endswith(".jpeg")}
     keep = [i for i, n in enumerate(names) if n in done]
     if len(keep) < len(names):
         in_src = {p.stem for p in photos}
@@ -157,7 +245,14 @@ def write_lab_layout(table, photos: list[Path], out_dir: Path, dst_dir: Path, fr
     if not keep:
         raise UserError("no row of the labels table names a prepared image; do its names match SRC_DIR's files?")
     names, grades = [names[i] for i in keep], table["grade"].to_numpy()[keep]
-    splits = dict(zip(LAB_FILES, patient_split(names, fraction, seed)))
+    try:
+        parts = patient_split(names, fraction, seed, "--test-fraction", "the rows left")
+    except UserError as err:
+        # known only now: the quality check decides which photos are kept; the crops stay for a rerun
+        raise UserError(f"the lab layout's CSVs were not written ({err}); the {len(done)} crops are kept in "
+                        f"{crops.out_dir}: rerun with more photos, another --test-fraction or --keep-ungradable"
+                        ) from None
+    splits = dict(zip(LAB_FILES, parts))
     for split, index in splits.items():
         img_csv, label_csv = LAB_FILES[split]
         write_text_atomic(dst_dir / img_csv, "".join(f"{names[i]}\n" for i in index))
@@ -204,12 +299,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.workers < 1:
         raise UserError(f"--workers {args.workers} must be at least 1")
     if args.labels is not None and not 0 < args.test_fraction < 1:
-        raise UserError(f"--test-fraction {args.test_fraction} must lie between 0 and 1")
+        raise UserError(fraction_sentence("--test-fraction", args.test_fraction))
     return args
 
 
-def read_labels(path: Path | None, photos: list[Path]):
-    """The --labels table, refused when no name in it matches a photo (the wrong table or SRC_DIR)."""
+def read_labels(path: Path | None, photos: list[Path], fraction: float, seed: int):
+    """The --labels table, refused when no name in it matches a photo (the wrong table or SRC_DIR), or when
+    the rows that have a photo cannot be split by patient (checked again after the quality check)."""
     if path is None:
         return None
     table = read_labels_table(input_file("--labels", path))
@@ -218,22 +314,70 @@ def read_labels(path: Path | None, photos: list[Path]):
     if not stems.intersection(names):
         raise UserError(f"none of the {len(names)} names in --labels {path} (first: {', '.join(names[:3])}) "
                         f"matches a photo in SRC_DIR (first: {', '.join(sorted(stems)[:3])})")
+    patient_split([n for n in names if n in stems], fraction, seed, "--test-fraction",
+                  f"the rows of --labels {path} that have a photo in SRC_DIR")
     return table
+
+
+def check_destination(src_dir: Path, dst_dir: Path) -> None:
+    """Before any work: DST_DIR and its images/ folder can take files, and SRC_DIR is not images/ itself,
+    inside it or above it (`prepare.py OUT/images OUT` once took the raw photos there for finished crops)."""
+    out_dir = dst_dir / "images"
+    check_output("DST_DIR", dst_dir, folder=True)
+    check_output("DST_DIR", out_dir, folder=True)
+    src, out = src_dir.resolve(), out_dir.resolve()
+    if src == dst_dir.resolve():
+        raise UserError(f"DST_DIR {dst_dir} is SRC_DIR: the crops, their lists and the lab layout would lie among "
+                        "the raw photos; choose another DST_DIR")
+    # SRC_DIR above images/ is harmless (its subfolders are not searched): `prepare.py raw raw/out` works
+    if src == out or out in src.parents:
+        where = "is" if src == out else "lies inside"
+        raise UserError(f"SRC_DIR {src_dir} {where} DST_DIR's images folder {out_dir}, where the crops go; "
+                        "choose a DST_DIR outside SRC_DIR (the raw photos and their crops must not mix)")
+
+
+def check_lists(dst_dir: Path, labels: Path | None) -> None:
+    """Before any work, the rule every output follows (runtime.check_output_file): ungradable.csv replaces
+    only an earlier list of prepare.py's, the lab layout's CSVs only those of a folder prepare.py made, and
+    neither is the --labels table being read."""
+    inputs = [labels] if labels else []
+    check_output_file("DST_DIR", dst_dir / UNGRADABLE_FILE, "a list of ungradable photos of data/prepare.py",
+                      inputs)
+    for name in (name for pair in LAB_FILES.values() for name in pair) if labels else ():
+        check_output_file("DST_DIR", dst_dir / name, "a lab-layout table of data/prepare.py", inputs)
+
+
+def check_foreign(crops: Crops, size: int) -> None:
+    """images/ holds only crops prepare.py wrote: other files would be taken for crops or overwritten."""
+    foreign = crops.foreign(size)
+    if foreign:
+        raise UserError(f"{crops.out_dir} holds {len(foreign)} files that prepare.py did not write (first: "
+                        f"{', '.join(foreign[:3])}; its crops are listed in {crops.path}); choose another "
+                        "DST_DIR, or move them away")
 
 
 @exit_on_user_error
 def main(argv=None) -> int:
     args = parse_args(argv)
     photos = list_photos(args.src_dir)
-    table = read_labels(args.labels, photos)  # before the crops: a bad table should not wait hours to fail
-    out_dir = args.dst_dir / "images"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # every refusal before the crops: a bad table or folder should not wait hours to fail
+    check_destination(args.src_dir, args.dst_dir)
+    check_lists(args.dst_dir, args.labels)
+    table = read_labels(args.labels, photos, args.test_fraction, args.seed)
+    crops = Crops(args.dst_dir)
+    check_foreign(crops, args.size)
+    crops.out_dir.mkdir(parents=True, exist_ok=True)
     check_options(args.dst_dir, args.size, args.ben_graham)
-    todo, skipped = pending(photos, out_dir)
-    outcomes = run_all(todo, args)
+    todo, skipped = pending(photos, crops)
+    outcomes, stopped = run_all(todo, args, crops)
     report(outcomes, skipped, args.dst_dir)
+    if stopped:
+        done = sum(len(o) for o in outcomes.values())
+        print(f"prepare: stopped by {signal.Signals(stopped).name} after {done} of {len(todo)} photos; the "
+              f"finished crops are kept: run the same command again to continue", file=sys.stderr)
+        return 128 + stopped
     if table is not None:
-        write_lab_layout(table, photos, out_dir, args.dst_dir, args.test_fraction, args.seed)
+        write_lab_layout(table, photos, crops, args.dst_dir, args.test_fraction, args.seed)
     return 1 if outcomes[FAILED] else 0
 
 

@@ -41,6 +41,10 @@ def ws(tmp_path_factory):
     Image.new("RGB", (60, 40), (150, 60, 20)).save(ws / "raw" / "10_left.jpeg")
     (ws / "photos").mkdir()  # a folder of the user's photos, one named as evaluate.py names a figure
     Image.new("RGB", (8, 8), (200, 40, 40)).save(ws / "photos" / "confusion_resnet18_scratch.png")
+    (ws / "labdir").mkdir()  # a dataset of the user's own in the lab layout, and a table named as prepare.py's
+    (ws / "labdir" / "train_img.csv").write_text("1_left\n")
+    (ws / "listdir").mkdir()
+    (ws / "listdir" / "ungradable.csv").write_text("image,note\n1_left,blurred\n")
     (ws / "bad_logs").mkdir()
     (ws / "bad_logs" / "r.json").write_text('{"arch": "resnet18", oops')
     return {"ws": ws, "ckpt": ckpt, "common": common}
@@ -59,7 +63,7 @@ CASES = [
     (T, "{T} --momentum -1", "--momentum must not be negative"),
     (T, "{T} --label-smoothing 1.5", "--label-smoothing must lie in [0, 1)"),
     (T, "{T} --val-fraction 1", "--val-fraction must lie in [0, 1)"),
-    (T, "{T} --test-fraction 0", "--test-fraction must lie between 0 and 1"),
+    (T, "{T} --test-fraction 0", "--test-fraction 0 would hold out no patient, leaving no test split"),
     (T, "{T} --image-size 16", "--image-size must be at least 32"),
     (T, "{T} --workers -1", "--workers must not be negative"),
     (T, "{T} --grad-accum-steps 0", "--grad-accum-steps must be at least 1"),
@@ -139,6 +143,19 @@ CASES = [
     (R, "{ws}/raw {ws}/out --labels {ws}/header.csv", "{ws}/header.csv has a header but no rows"),
     (R, "{ws}/raw {ws}/out --labels {ws}/nomatch.csv", "--labels {ws}/nomatch.csv"),
     (R, "{ws}/raw {ws}/out --labels {ws}/notes.txt", "{ws}/notes.txt has columns"),
+    # issue 22: sentences that were tracebacks or wrong
+    (T, "{T} --run-name x --batch-size 1", "--batch-size 1 cannot train: BatchNorm"),
+    (T, "{T} --run-name x --val-fraction 0.99", "--val-fraction 0.99 of the 12 patients"),
+    (T, "{T} --run-name x --test-fraction 1.5", "--test-fraction 1.5 must lie between 0 and 1"),
+    (E, "{ckpt} --images {ws}/empty_folder", "--images {ws}/empty_folder: no files there"),
+    (R, "{ws}/raw {ws}/raw", "DST_DIR {ws}/raw is SRC_DIR"),
+    (R, "{ws}/raw {ws}/labdir --labels {ws}/table.csv", "DST_DIR {ws}/labdir/train_img.csv already exists and is a "
+                                                        "text file, not a lab-layout table of data/prepare.py"),
+    (R, "{ws}/raw {ws}/listdir", "DST_DIR {ws}/listdir/ungradable.csv already exists and is a CSV file, not a list "
+                                "of ungradable photos"),
+    (R, "{ws}/raw {ws}/notes.txt", "DST_DIR {ws}/notes.txt is a file, expected a folder"),
+    (R, "{ws}/raw {ws}/notes.txt/out", "DST_DIR {ws}/notes.txt/out cannot be created: {ws}/notes.txt is a file"),
+    (R, "{ws}/raw {ws}/out --labels {ws}/table.csv --test-fraction 0", "--test-fraction 0 would hold out no patient"),
 ]
 
 

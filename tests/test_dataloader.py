@@ -128,7 +128,8 @@ def test_undecodable_image_names_path_and_row(tmp_path, capsys, workers):
         train.main(args)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert "a3_left.jpeg (row 4 of" in err and "--skip-bad-images" in err and len(err.splitlines()) == 1, err
+    assert f"a3_left.jpeg (line 4 of {root / 'train_img.csv'})" in err, err  # the file's line, not a row number
+    assert "--skip-bad-images" in err and len(err.splitlines()) == 1, err
 
     train.main(args + ["--skip-bad-images", "--quiet"])
     assert "skipped unreadable images in epoch 1 (--skip-bad-images): 1 in training" in capsys.readouterr().out

@@ -340,7 +340,7 @@ def test_raw_photos_are_cropped_to_the_eye_and_crops_keep_the_fast_path(tmp_path
 def test_a_raw_photo_with_no_eye_is_one_sentence(tmp_path):
     black = save(Image.new("RGB", (80, 60)), tmp_path / "black.png")
     table = dataloader.FundusTable(np.array([str(black)]), np.array([0]), "train.csv", raw_photos=True)
-    with pytest.raises(UserError, match=r"found no eye in .*black.png \(row 1 of train.csv\): no eye found"):
+    with pytest.raises(UserError, match=r"found no eye in .*black.png \(photo 1 of train.csv\): no eye found"):
         dataloader.FundusDataset(table, 32)[0]
 
 
