@@ -341,10 +341,11 @@ SHARP_PATCH, SHARP_PERCENTILE = 16, 90
 # holds (its field is about 256 px across). In an earlier version of these measures (0.8, 3) refused 67 % of
 # DrimDB's bad photos held out, (1.2, 3.5) 72 %; the same eye at 350 and 760 px differed most at the finest.
 SHARP_SIGMAS = (1.6, 4.0)
-# Colour is read on the square smoothed over this many pixels (of QUALITY_SIDE), where it reaches this share of
-# the field's bright (95th percentile) level (the chromaticity of a dark, vignetted rim is JPEG chroma noise),
-# less this share of its most saturated and of its brightest pixels (lesions, the optic disc: colour_spread).
-COLOUR_SMOOTH, WELL_LIT, LESION_SHARE = 8, 0.4, 0.05
+# Colour is read on the square smoothed over this many pixels (of QUALITY_SIDE: means of blocks this wide, then a
+# box filter over the blocks), where it reaches this share of the field's bright (95th percentile) level (the
+# chromaticity of a dark, vignetted rim is JPEG chroma noise), less this share of its most saturated and of its
+# brightest pixels (lesions, the optic disc: see colour_spread).
+COLOUR_SMOOTH, COLOUR_BLOCK, WELL_LIT, LESION_SHARE = 8, 4, 0.4, 0.05
 # Pixels darker than this (of 255, brightest channel) carry no colour: JPEG noise on black.
 DARK = 12
 
@@ -413,9 +414,10 @@ def colour_spread(square: Image.Image, inside: np.ndarray) -> float:
     median's deviation ignores what lesion is left (a blot haemorrhage over a quarter of a drawn field moves
     it from 0.002 to 0.005, where a 10-90 % range went from 0.007 to 0.22). A fundus is one hue; an outer eye
     (iris, sclera, skin) or a scene holds several."""
-    rgb = ndimage.uniform_filter(np.asarray(square, np.float32), (COLOUR_SMOOTH, COLOUR_SMOOTH, 1))
+    k, box = COLOUR_BLOCK, COLOUR_SMOOTH // COLOUR_BLOCK  # percentiles and medians on 64x64, not 256x256
+    rgb = ndimage.uniform_filter(np.asarray(square.reduce(k), np.float32), (box, box, 1))
     top, total = rgb.max(axis=2), np.maximum(rgb.sum(axis=2), 1.0)
-    keep = inside & (top > DARK)
+    keep = inside[::k, ::k] & inside[k - 1::k, k - 1::k] & (top > DARK)  # a block's corners in the field
     if keep.sum() < 16:
         return 0.0
     keep &= top >= WELL_LIT * np.percentile(top[keep], 95)
