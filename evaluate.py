@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --images: grade photos the quality check calls ungradable too (the reason is kept)")
     g.add_argument("--min-quality", type=float, default=None, metavar="SCORE",
                    help="with --images: the quality check's operating point, a score in 0-1 under which a photo "
-                        "is ungradable (default: the fitted model's, which refuses 2 %% of gradable photos; "
-                        "fundus.QUALITY_MODEL)")
+                        "is ungradable (default: the fitted model's, the lowest score of a gradable photo it was "
+                        "fitted on; fundus.QUALITY_MODEL)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 

@@ -277,8 +277,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="also crop photos the quality check calls ungradable (they are listed either way)")
     crops.add_argument("--min-quality", type=float, default=None, metavar="SCORE",
                        help="the quality check's operating point: photos scoring under it (0-1) are ungradable "
-                            f"(default {fundus.quality_model()['min_quality']:.3f}, fitted to refuse 2 %% of the "
-                            "gradable photos of DrimDB and EyeQ; 0 refuses only what is no fundus photo or "
+                            f"(default {fundus.quality_model()['min_quality']:.3f}, the lowest score of the gradable "
+                            "photos of DrimDB and EyeQ it was fitted on; 0 refuses only what is no fundus photo or "
                             "shows nothing)")
     crops.add_argument("--workers", type=int, default=default_workers(),
                        help="processes (default: one per CPU core, here %(default)s)")

@@ -1,6 +1,9 @@
 """fundus.py on photographs with the flaws of real ones: the camera's field found within a few percent of the
 drawn circle, its mask keeping a dark sector, and the gradability check's verdict and reason on fundi, on
 what is no fundus (two real photographs among them) and on degraded copies."""
+import json
+import math
+
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
@@ -260,3 +263,37 @@ def test_a_dim_16_bit_photo_stays_dim_and_is_judged_like_its_8_bit_twin(tmp_path
         assert abs(decoded.mean() - expected.mean()) < within, name
     twin, sixteen = fundus.assess(Image.fromarray(eight)), fundus.assess(fundus.decode(tmp_path / "rgb16.png"))
     assert sixteen.gradable == twin.gradable and abs(sixteen.score - twin.score) < 0.02
+
+
+def test_the_colour_spread_is_read_on_the_background_not_on_the_lesions():
+    # a fundus is one hue: a blot haemorrhage over a quarter of the field leaves its background's spread as it
+    # was (a spread that counted the lesion, a 10-90 % range or a standard deviation, grew 10-100 fold), where
+    # a field of two hues (half of it tinted as sclera and skin are against a retina) reads far wider
+    eye = fundus_photo(w=600, h=400, cx=300, cy=200, r=185, seed=3)
+    two_tone = np.asarray(eye, np.float32)
+    two_tone[:, 300:] *= np.array([0.8, 1.4, 2.5], np.float32)
+    spread = {}
+    for name, photo in (("eye", eye), ("bleeding", haemorrhage(eye, 250, 200, 110)),
+                        ("two hues", Image.fromarray(np.clip(two_tone, 0, 255).astype(np.uint8)))):
+        photo = jpeg_copy(photo, 85)
+        spread[name] = fundus.colour_spread(*fundus.field_square(photo, fundus.find_field(photo)))
+    assert spread["bleeding"] < spread["eye"] + 0.005, spread
+    assert spread["two hues"] > 5 * spread["bleeding"], spread
+
+
+def test_a_photo_that_may_be_a_fundus_is_judged_on_its_quality_alone():
+    # P(fundus) 0.3: under one half, above the threshold where a photo is called no fundus. It is judged as a
+    # fundus, on its quality alone: the score is P(gradable), and no "unlike a retina" refuses it
+    measures = fundus.assess(drawn("round_on_black")[0]).measures
+    model = json.loads(json.dumps(fundus.quality_model()))
+    fundus_part = model["fundus"]
+    logit = float(fundus.model_inputs(fundus_part, measures) @ np.array(fundus_part["coef"]))
+    fundus_part["intercept"] = math.log(0.3 / 0.7) - logit
+    fundus_part["threshold"] = 0.05
+    assert fundus.probability(fundus_part, measures) == pytest.approx(0.3)
+    gradable, reason, score = fundus.verdict(measures, model=model)
+    assert gradable, reason
+    assert score == pytest.approx(fundus.probability(model["gradable"], measures))
+    fundus_part["threshold"] = 0.35  # under the threshold it is no fundus photo, whatever its quality
+    gradable, reason, score = fundus.verdict(measures, model=model)
+    assert not gradable and reason.startswith(fundus.NOT_FUNDUS) and score == 0.0, reason
