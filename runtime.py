@@ -292,6 +292,20 @@ def choose_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
 
 
+def device_name(device: torch.device) -> str:
+    """The processor or GPU a figure was measured on, as a person names it: "AMD EPYC, 2 cores"."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = "CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{cpu}, {cores} cores"
+
+
 def precision(amp: bool | None, device: torch.device) -> tuple[torch.dtype | None, bool]:
     """(autocast dtype or None, whether fp16 loss scaling is needed) for --amp/--no-amp (None: on for CUDA)."""
     if not (amp if amp is not None else device.type == "cuda"):
