@@ -38,6 +38,9 @@ VAL_FOOTNOTE = ("Runs marked * held out a validation split: their best epoch is 
 ON_FOOTNOTE = ("Rows 'RUN on DATASET' evaluate the run's checkpoint (its epoch under epochs) on another dataset, "
                "or with evaluate.py --split all on every gradable image of one: accuracy, kappa and macro F1 "
                "there, not on the run's test split.")
+EXPORTED_FOOTNOTE = ("Rows 'RUN (ONNX ...)' evaluate the file export.py made of the run's checkpoint, run in onnxruntime. "
+                     "Cost: milliseconds per image at batch 1 / 32 where the evaluation ran (random input after a "
+                     "warm-up; the checkpoint's row times PyTorch), parameters, and the size of the file evaluated.")
 
 
 def display_name(arch: str) -> str:
@@ -438,9 +441,14 @@ def best_epoch_row(run: dict) -> tuple[pd.Series, bool]:
     return history.loc[history["val_acc" if by_val else "test_acc"].idxmax()], by_val
 
 
+def is_exported(evaluation: dict) -> bool:
+    """An evaluation of an exported file (evaluate.py MODEL.onnx), which gets a row of its own."""
+    return evaluation["data"].get("runtime") == "onnxruntime"
+
+
 def eval_for(run: dict, evals: list[dict]) -> dict | None:
     mine = [e for e in evals if (e["data"].get("run_name") == run["name"] or e["name"] == run["path"].stem)
-            and not e["data"].get("evaluated_on")]  # evaluations on other data get rows of their own
+            and not e["data"].get("evaluated_on") and not is_exported(e)]  # these get rows of their own
     # plain test-split evaluations compare across runs; TTA or another split only when nothing else exists
     mine.sort(key=lambda e: (bool(e["data"].get("tta")), e["data"].get("split", "test") != "test"))
     return mine[0] if mine else None
@@ -458,10 +466,18 @@ def _screening_cells(evaluation: dict) -> list[str]:
     return [_number(referable.get("auc"), ".3f"), both, _number(evaluation.get("kappa_tuned"), ".3f")]
 
 
+def _cost_cells(evaluation: dict) -> list[str]:
+    """The cost of a grade: ms per image at batch 1 / 32, parameters (millions), file size (MB)."""
+    cost = evaluation.get("cost") or {}
+    ms = ("-" if not cost else f"{cost['ms_per_image_batch1']:.1f} / {cost['ms_per_image_batch32']:.1f}")
+    return [ms, _number(cost["parameters"] / 1e6 if cost else None, ".1f"), _number(cost.get("file_mb"), ".1f")]
+
+
 def summary_table(runs: list[dict], evals: list[dict]) -> str:
     lines = ["| run | model | pretrained | epochs | best test acc (%) | best epoch | kappa | macro F1 | referable AUC "
-             "| referable sens / spec (%) | tuned kappa | images/s |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| referable sens / spec (%) | tuned kappa | images/s | ms per image (batch 1 / 32) | parameters (M) "
+             "| file (MB) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     any_by_val = False
     for run in sorted(runs, key=lambda r: (_arch_order(r["arch"]), not r["pretrained"], r["name"])):
         row, by_val = best_epoch_row(run)
@@ -472,26 +488,32 @@ def summary_table(runs: list[dict], evals: list[dict]) -> str:
             f"| {run['name']}", display_name(run["arch"]), "yes" if run["pretrained"] else "no",
             str(len(run["history"])), _number(100 * row["test_acc"], ".2f") + ("*" if by_val else ""),
             str(int(row["epoch"])), _number(evaluation.get("kappa", row["test_kappa"]), ".3f"),
-            _number(evaluation.get("macro_f1"), ".3f"), *_screening_cells(evaluation), _number(speed, ".1f")]) + " |")
+            _number(evaluation.get("macro_f1"), ".3f"), *_screening_cells(evaluation), _number(speed, ".1f"),
+            *_cost_cells(evaluation)]) + " |")
     elsewhere = dataset_rows(evals)
+    exported = any(is_exported(e) for e in evals)
     return "\n".join(lines + elsewhere + (["", VAL_FOOTNOTE] if any_by_val else [])
-                     + (["", ON_FOOTNOTE] if elsewhere else [])) + "\n"
+                     + (["", ON_FOOTNOTE] if any(e["data"].get("evaluated_on") for e in evals) else [])
+                     + (["", EXPORTED_FOOTNOTE] if exported else [])) + "\n"
 
 
 def dataset_rows(evals: list[dict]) -> list[str]:
     """A summary row per evaluation named after another dataset (evaluate.py --split all, or --data-root
-    another folder): `<run> on <dataset>`, under the runs' own rows."""
+    another folder): `<run> on <dataset>`, and per evaluation of an exported file: `<run> (ONNX fp32)`, under
+    the runs' own rows."""
     rows = []
-    for evaluation in sorted((e for e in evals if e["data"].get("evaluated_on")), key=lambda e: e["name"]):
+    for evaluation in sorted((e for e in evals if e["data"].get("evaluated_on") or is_exported(e)),
+                             key=lambda e: e["name"]):
         data = evaluation["data"]
         accuracy = data.get("accuracy")
+        exported = f" (ONNX {str(data.get('precision', 'fp32')).split(' ')[0]})" if is_exported(evaluation) else ""
+        on = f" on {data['evaluated_on']}" if data.get("evaluated_on") else ""
         rows.append(" | ".join([
-            f"| {data.get('run_name', evaluation['name'])} on {data['evaluated_on']}"
-            + (" (TTA)" if data.get("tta") else ""),
+            f"| {data.get('run_name', evaluation['name'])}{exported}{on}" + (" (TTA)" if data.get("tta") else ""),
             display_name(str(data.get("arch", "-")).lower()), "yes" if data.get("pretrained") else "no",
             str(data.get("epoch", "-")), _number(None if accuracy is None else 100 * accuracy, ".2f"), "-",
             _number(data.get("kappa"), ".3f"), _number(data.get("macro_f1"), ".3f"), *_screening_cells(data),
-            "-"]) + " |")
+            "-", *_cost_cells(data)]) + " |")
     return rows
 
 

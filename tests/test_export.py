@@ -1,5 +1,7 @@
 """export.py and evaluate.py on an exported file: PyTorch in eval mode is the oracle for onnxruntime,
 scikit-learn for the metrics, the checkpoint's own evaluation for the exported file's."""
+import contextlib
+import io
 import json
 import re
 import subprocess
@@ -20,6 +22,7 @@ import deploy  # noqa: E402
 import evaluate  # noqa: E402
 import export  # noqa: E402
 import models  # noqa: E402
+import plot  # noqa: E402
 import train  # noqa: E402
 
 
@@ -34,6 +37,10 @@ def run(tiny_demo, tmp_path_factory):
     ckpt = out / "checkpoints" / "resnet18_scratch" / "best.pt"
     evaluate.main([str(ckpt), "--workers", "0", "--quiet", "--figure-dir", str(out / "figures")])
     export.main([str(ckpt)])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        evaluate.main([str(ckpt.with_suffix(".onnx")), "--workers", "0", "--quiet", "--figure-dir", str(out / "figures")])
+    (out / "onnx_eval.txt").write_text(printed.getvalue())
     return out, tiny_demo, ckpt
 
 
@@ -123,10 +130,9 @@ def test_export_refuses_a_file_that_grades_otherwise_and_leaves_nothing(run, tmp
     assert list(tmp_path.iterdir()) == []  # no file, no temporary file
 
 
-def test_evaluating_the_export_gives_the_checkpoints_numbers(run, capsys):
+def test_evaluating_the_export_gives_the_checkpoints_numbers(run):
     out, root, ckpt = run
-    evaluate.main([str(ckpt.with_suffix(".onnx")), "--workers", "0", "--quiet", "--figure-dir", str(out / "figures")])
-    printed = capsys.readouterr().out
+    printed = (out / "onnx_eval.txt").read_text()
     pt = json.loads((out / "logs" / "resnet18_scratch_eval.json").read_text())
     onnx_eval = json.loads((out / "logs" / "resnet18_scratch_onnx_eval.json").read_text())
     assert onnx_eval["runtime"] == "onnxruntime" and pt["runtime"] == "torch"
@@ -152,6 +158,21 @@ def test_cost_of_a_grade_in_every_evaluation(run):
         assert cost["file_mb"] == pytest.approx(path.stat().st_size / 1e6, abs=0.01)
         assert 0 < cost["ms_per_image_batch32"] and 0 < cost["ms_per_image_batch1"] < 10_000
         assert cost["runtime"] in ("torch", "onnxruntime") and cost["device"]
+
+
+def test_summary_rows_carry_the_cost(run, tmp_path):
+    out, root, ckpt = run
+    logs = out / "logs"
+    summary = plot.write_summary(plot.load_runs(logs), plot.load_evals(logs), tmp_path).read_text().splitlines()
+    assert summary[0].endswith("| ms per image (batch 1 / 32) | parameters (M) | file (MB) |")
+    for name, start in (("resnet18_scratch", "| resnet18_scratch |"),
+                        ("resnet18_scratch_onnx", "| resnet18_scratch (ONNX fp32) |")):
+        result = json.loads((logs / f"{name}_eval.json").read_text())
+        cost = result["cost"]
+        (row,) = [line for line in summary if line.startswith(start)]
+        assert row.endswith(f"| {cost['ms_per_image_batch1']:.1f} / {cost['ms_per_image_batch32']:.1f} | "
+                            f"{cost['parameters'] / 1e6:.1f} | {cost['file_mb']:.1f} |")
+        assert f"| {result['kappa']:.3f} |" in row
 
 
 def test_exported_file_grades_photos_and_other_data_as_the_checkpoint(run, tmp_path):
