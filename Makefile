@@ -32,6 +32,8 @@ demo: $(VENV)/.installed
 	$(STEP) $(PY) train.py --model resnet18 --epochs $(DEMO_EPOCHS) $(DEMO_FLAGS)
 	$(STEP) $(PY) evaluate.py checkpoints/resnet18_scratch/best.pt --cam-per-grade 4
 	$(STEP) $(PY) evaluate.py checkpoints/resnet18_scratch/best.pt --tta
+	$(STEP) $(PY) export.py checkpoints/resnet18_scratch/best.pt
+	$(STEP) $(PY) evaluate.py checkpoints/resnet18_scratch/best.onnx
 	@if $(STEP) $(PY) models.py --fetch resnet18; then \
 	  $(STEP) $(PY) train.py --model resnet18 --pretrained --epochs $(DEMO_EPOCHS) $(DEMO_FLAGS) && \
 	  $(STEP) $(PY) evaluate.py checkpoints/resnet18_pretrained/best.pt; \
