@@ -85,11 +85,13 @@ def export_fp32(model: nn.Module, image_size: int):
 def quantise_dynamic(proto):
     """INT8 weights, activations quantised on the fly per batch (no calibration)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with tempfile.TemporaryDirectory(prefix="quantise-") as tmp:
-        source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        source, prepared, target = (Path(tmp) / name for name in ("fp32.onnx", "prepared.onnx", "int8.onnx"))
         source.write_bytes(proto.SerializeToString())
-        quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=True)
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        quantize_dynamic(prepared, target, weight_type=QuantType.QInt8, per_channel=True)
         return target.read_bytes()
 
 
