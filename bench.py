@@ -511,7 +511,7 @@ def cpu_features() -> str:
     return ", ".join(f for f in wanted if f in flags) or "none of " + ", ".join(wanted)
 
 
-def export_runners(model: torch.nn.Module, size: int, dynamic: bool) -> dict:
+def export_runners(model: torch.nn.Module, size: int, dynamic: bool, threads: int | None) -> dict:
     """name -> fn(uint8 batch) for each way of running the same weights: PyTorch eager as evaluate.py runs a
     checkpoint (both memory formats), and the file export.py writes in onnxruntime, fp32 and INT8 (static:
     calibrated on random images, which sets other ranges than photos would but the same kernels; dynamic)."""
@@ -523,17 +523,20 @@ def export_runners(model: torch.nn.Module, size: int, dynamic: bool) -> dict:
     proto = deploy.export_fp32(model, size)
     rng = np.random.default_rng(0)
     calibration = [rng.integers(0, 256, (4, 3, size, size), dtype=np.uint8) for _ in range(2)]
-    sessions = {FP32: deploy.session(proto.SerializeToString()),
-                INT8_STATIC: deploy.session(deploy.quantise_static(proto, calibration))}
+    sessions = {FP32: deploy.session(proto.SerializeToString(), threads),
+                INT8_STATIC: deploy.session(deploy.quantise_static(proto, calibration), threads)}
     if dynamic:
-        sessions[INT8_DYNAMIC] = deploy.session(deploy.quantise_dynamic(proto))
+        sessions[INT8_DYNAMIC] = deploy.session(deploy.quantise_dynamic(proto), threads)
     runners = {EAGER: nchw, EAGER_CL: channels_last}
     runners.update({name: (lambda images, s=s: deploy.run(s, images.numpy())) for name, s in sessions.items()})
     return runners
 
 
-def bench_export(quick: bool) -> dict:
-    """ms per image of each runner, per model, size and batch, the runners interleaved within each round."""
+def bench_export(quick: bool, threads: int | None = None) -> dict:
+    """ms per image of each runner, per model, size and batch, the runners interleaved within each round; with
+    threads, PyTorch and onnxruntime both compute on that many threads (default: each its own, one per core)."""
+    if threads:
+        torch.set_num_threads(threads)
     archs, sizes, batches = (("resnet18",), (64,), (1, 4)) if quick else (EXPORT_ARCHS, EXPORT_SIZES, EXPORT_BATCHES)
     rows = []
     for arch in archs:
@@ -542,7 +545,7 @@ def bench_export(quick: bool) -> dict:
         for size in sizes:
             # dynamic INT8 quantises activations per call and runs convolutions as ConvInteger, which has no
             # fast kernel here (measured ~5x slower than fp32 at 224 px): timed at the smaller size only
-            runners = export_runners(model, size, dynamic=size <= 224)
+            runners = export_runners(model, size, dynamic=size <= 224, threads=threads)
             for batch in batches:
                 images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8,
                                        generator=torch.Generator().manual_seed(batch))
@@ -553,7 +556,7 @@ def bench_export(quick: bool) -> dict:
                              "ms_per_image": {name: 1e3 / rate for name, rate in rates.items()}})
     import onnxruntime
 
-    return {"rows": rows, "cpu_features": cpu_features(),
+    return {"rows": rows, "cpu_features": cpu_features(), "threads": threads or "default",
             "versions": f"onnxruntime {onnxruntime.__version__}, opset {deploy.OPSET}"}
 
 
@@ -568,7 +571,7 @@ def report_export(r: dict) -> str:
                      *(f"{ms[n]:.1f}" if n in ms else "not measured" for n in names),
                      f"{eager / ms[FP32]:.2f}x", f"{ms[FP32] / ms[INT8_STATIC]:.2f}x"])
     return table(f"Deployment on this CPU: ms per image, the same weights run four ways ({e['versions']}; "
-                 f"CPU features: {e['cpu_features']})",
+                 f"threads: {e.get('threads', 'default')}; CPU features: {e['cpu_features']})",
                  ["model", "px", "batch", *names, "onnxruntime fp32 vs faster eager", "INT8 static vs fp32"], rows)
 
 
@@ -660,6 +663,8 @@ def main(argv: list[str] | None = None) -> None:
                         "requirements-deploy.txt)")
     p.add_argument("--out", default=None, help="also write every figure to this JSON file")
     p.add_argument("--workers", type=int, default=None, help="loader processes (default: CPUs, at most 16)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="with --export: compute threads of PyTorch and onnxruntime alike (default: each its own)")
     p.add_argument("--report", default=None, metavar="JSON", help="print the tables of an earlier --out file")
     args = p.parse_args(argv)
     if args.report:
@@ -674,7 +679,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError("--cuda: no CUDA device is visible here")
     if args.export:
         deploy.require("bench.py --export")
-        result = {"machine": machine(), "command": command, "export": bench_export(args.quick)}
+        result = {"machine": machine(), "command": command, "export": bench_export(args.quick, args.threads)}
         text = f"Machine: {result['machine']}\n\nCommand: `{command}`\n\n" + report_export(result)
         print(text)
         if args.out:
