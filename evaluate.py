@@ -232,7 +232,8 @@ COST_REPEATS, COST_SECONDS, COST_BATCHES = 3, 2.0, (1, 32)
 
 def ms_per_image(grader, batch: int, size: int) -> float:
     """Milliseconds per image of the grader on a random uint8 batch (the median of a few calls, after one)."""
-    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
     grader(images)  # warm-up: first-call allocations, kernel choice
     times = []
     while not times or (len(times) < COST_REPEATS and sum(times) < COST_SECONDS):

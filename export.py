@@ -14,6 +14,7 @@ accuracy, kappa and referable AUC against fp32 instead (within 0.01).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import platform
@@ -42,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="a .pt file written by train.py")
     p.add_argument("--out", default=None,
-                   help="the ONNX file (default: beside the checkpoint, best.pt -> best.onnx, with --int8 best_int8.onnx)")
+                   help="the ONNX file (default: beside the checkpoint, best.pt -> best.onnx, with --int8 "
+                        "best_int8.onnx)")
     p.add_argument("--int8", action="store_true",
                    help="quantise to INT8 (static, calibrated on training images); checked on the test split's metrics")
     g = p.add_argument_group("the check against PyTorch")
@@ -116,13 +118,15 @@ def evaluation_choices(checkpoint: dict, path: Path) -> dict:
     if not log.is_file():
         return {**none, "evaluation": f"none: {log} does not exist (run evaluate.py {path} first to carry them)"}
     result = json.loads(log.read_text())
-    same = (Path(str(result.get("checkpoint"))).resolve() == path.resolve() and result.get("epoch") == checkpoint["epoch"]
-            and not result.get("tta"))
+    same = (Path(str(result.get("checkpoint"))).resolve() == path.resolve()
+            and result.get("epoch") == checkpoint["epoch"] and not result.get("tta"))
     if not same:
-        return {**none, "evaluation": f"none: {log} evaluated {result.get('checkpoint')} (epoch {result.get('epoch')}), "
-                                      f"not this checkpoint (run evaluate.py {path} first to carry them)"}
+        return {**none, "evaluation": f"none: {log} evaluated {result.get('checkpoint')} (epoch "
+                                      f"{result.get('epoch')}), not this checkpoint (run evaluate.py {path} first "
+                                      "to carry them)"}
     points = {name: {"grade_at_least": result[name]["grade_at_least"], "chosen_on": result[name]["chosen_on"],
-                     **{point: values["threshold"] for point, values in (result[name]["operating_points"] or {}).items()}}
+                     **{point: values["threshold"]
+                        for point, values in (result[name]["operating_points"] or {}).items()}}
               for name in metrics.SCREENING if result.get(name)}
     thresholds = "none" if result.get("thresholds") is None else {
         "expected_grade_cuts": result["thresholds"], "chosen_on": result["thresholds_from"]}
@@ -181,7 +185,8 @@ def check_fp32(torch_grader, onnx_grader, batches: list) -> dict:
 def check_int8(fp32_grader, int8_grader, batches: list) -> dict:
     """The test split's accuracy, kappa and referable AUC of the INT8 file, each within MAX_METRIC_LOSS of fp32's."""
     grades = torch.cat([g for _, g in batches]).numpy()
-    fp32, int8 = headline(grades, probabilities(fp32_grader, batches)), headline(grades, probabilities(int8_grader, batches))
+    fp32 = headline(grades, probabilities(fp32_grader, batches))
+    int8 = headline(grades, probabilities(int8_grader, batches))
     gaps = {k: abs(int8[k] - fp32[k]) for k in fp32 if fp32[k] is not None and int8[k] is not None}
     print(f"int8 vs fp32 on {len(grades)} test images: " + ", ".join(
         f"{k} {int8[k]:.4f} vs {fp32[k]:.4f}" for k in gaps))
@@ -190,6 +195,28 @@ def check_int8(fp32_grader, int8_grader, batches: list) -> dict:
         raise RunFailed(f"INT8 changes the test split's {worst} by {gaps[worst]:.4f} (> {MAX_METRIC_LOSS}); "
                         "no file written: deploy the fp32 file")
     return {"images": len(grades), "fp32": fp32, "int8": int8, "max_metric_change": gaps[worst]}
+
+
+def fp32_file(checkpoint: dict, path: Path, data: dataloader.FundusData, args):
+    """(the fp32 file as a ModelProto, its onnxruntime grader, the check against PyTorch, parameters)."""
+    # the reference is fp32 on the CPU, as the file is, whatever precision the run trained and evaluates in
+    model, transform, _ = evaluate.inference_setup(checkpoint, path, CPU)
+    torch_grader = evaluate.TorchGrader(model, transform, contextlib.nullcontext())
+    proto = deploy.export_fp32(model, checkpoint["image_size"])
+    onnx_grader = evaluate.OnnxGrader(deploy.session(proto.SerializeToString()))
+    sample = data.test.subset(spread(len(data.test), args.check_images), data.test.source)
+    check = check_fp32(torch_grader, onnx_grader, list(uint8_batches(checkpoint, sample, args.batch_size)))
+    return proto, onnx_grader, check, sum(p.numel() for p in model.parameters())
+
+
+def int8_file(checkpoint: dict, data: dataloader.FundusData, proto, fp32_grader, args) -> tuple[bytes, str, dict]:
+    """(the INT8 file's bytes, its precision in words, its check against fp32 on the test split)."""
+    calibration = data.train.subset(spread(len(data.train), args.calibration_images), data.train.source)
+    model_bytes = deploy.quantise_static(proto, [images.numpy() for images, _ in
+                                                 uint8_batches(checkpoint, calibration, args.batch_size)])
+    check = check_int8(fp32_grader, evaluate.OnnxGrader(deploy.session(model_bytes)),
+                       list(uint8_batches(checkpoint, data.test, args.batch_size)))
+    return model_bytes, f"int8 (static, calibrated on {len(calibration)} training images)", check
 
 
 @exit_on_user_error
@@ -203,24 +230,11 @@ def main(argv: list[str] | None = None) -> None:
     check_output("--out", out, folder=False)
     data = evaluate.run_data(checkpoint, argparse.Namespace(data_root=args.data_root, image_dir=args.image_dir,
                                                             layout="auto"))
-    model, transform, autocast_ctx = evaluate.inference_setup(checkpoint, path, CPU)  # fp32 on the CPU
-    torch_grader = evaluate.TorchGrader(model, transform, autocast_ctx)
-    proto = deploy.export_fp32(model, checkpoint["image_size"])
-    model_bytes = proto.SerializeToString()
-    fp32_grader = evaluate.OnnxGrader(deploy.session(model_bytes))
-    test = data.test
-    check = check_fp32(torch_grader, fp32_grader, list(uint8_batches(
-        checkpoint, test.subset(spread(len(test), args.check_images), test.source), args.batch_size)))
-    precision = "fp32"
+    proto, fp32_grader, check, parameters = fp32_file(checkpoint, path, data, args)
+    model_bytes, precision = proto.SerializeToString(), "fp32"
     if args.int8:
-        calibration = data.train.subset(spread(len(data.train), args.calibration_images), data.train.source)
-        model_bytes = deploy.quantise_static(proto, [images.numpy() for images, _ in
-                                                     uint8_batches(checkpoint, calibration, args.batch_size)])
-        int8_grader = evaluate.OnnxGrader(deploy.session(model_bytes))
-        check = {"fp32": check, "int8": check_int8(fp32_grader, int8_grader,
-                                                   list(uint8_batches(checkpoint, test, args.batch_size)))}
-        precision = "int8 (static, calibrated on {} training images)".format(len(calibration))
-    parameters = sum(p.numel() for p in model.parameters())
+        model_bytes, precision, int8_check = int8_file(checkpoint, data, proto, fp32_grader, args)
+        check = {"fp32": check, "int8": int8_check}
     model_bytes = deploy.with_metadata(model_bytes, metadata(checkpoint, path, precision, check, parameters))
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(out) as f:

@@ -38,8 +38,8 @@ VAL_FOOTNOTE = ("Runs marked * held out a validation split: their best epoch is 
 ON_FOOTNOTE = ("Rows 'RUN on DATASET' evaluate the run's checkpoint (its epoch under epochs) on another dataset, "
                "or with evaluate.py --split all on every gradable image of one: accuracy, kappa and macro F1 "
                "there, not on the run's test split.")
-EXPORTED_FOOTNOTE = ("Rows 'RUN (ONNX ...)' evaluate the file export.py made of the run's checkpoint, run in onnxruntime. "
-                     "Cost: milliseconds per image at batch 1 / 32 where the evaluation ran (random input after a "
+EXPORTED_FOOTNOTE = ("Rows 'RUN (ONNX ...)' evaluate the file export.py made of the run's checkpoint, run in "
+                     "onnxruntime. Cost: milliseconds per image at batch 1 / 32 where the evaluation ran (random input after a "
                      "warm-up; the checkpoint's row times PyTorch), parameters, and the size of the file evaluated.")
 
 
