@@ -104,8 +104,16 @@ def quantise_static(proto, calibration: list[np.ndarray]):
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Batches(CalibrationDataReader):
+        """The calibration batches, handed over a stretch at a time (CalibStridedMinMax below)."""
+
         def __init__(self):
-            self.batches = iter(calibration)
+            self.set_range(0, len(calibration))
+
+        def __len__(self):
+            return len(calibration)
+
+        def set_range(self, start_index: int, end_index: int):
+            self.batches = iter(calibration[start_index:end_index])
 
         def get_next(self):
             batch = next(self.batches, None)
@@ -119,7 +127,11 @@ def quantise_static(proto, calibration: list[np.ndarray]):
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         op_types_to_quantize=["Conv", "Gemm", "MatMul", "Add", "Relu", "MaxPool",
                                               "GlobalAveragePool", "Flatten"],
-                        calibrate_method=CalibrationMethod.MinMax)
+                        calibrate_method=CalibrationMethod.MinMax,
+                        # ranges taken batch by batch and merged: the calibrator otherwise keeps every tensor of
+                        # every image (about 0.5 GB per image for ResNet50 at 512 px). Not CalibMaxIntermediate-
+                        # Outputs: onnxruntime 1.31 drops the collected tensors there without taking their ranges
+                        extra_options={"CalibStridedMinMax": 1})
         return target.read_bytes()
 
 
