@@ -17,9 +17,11 @@ DEMO_FLAGS ?= --optimizer adamw --lr 1e-3 --val-fraction 0.1 --resume auto
 
 # -e . in compat mode: the repo folder goes on the venv's path, so that data/prepare.py imports fundus.py
 # and every module added later, without a reinstall
-$(VENV)/.installed: requirements.txt pyproject.toml
+# requirements-deploy.txt (onnx, onnxruntime: export.py, evaluate.py on an .onnx file) too, so that the tests
+# and the demo cover the export; a user who only trains can install requirements.txt alone
+$(VENV)/.installed: requirements.txt requirements-deploy.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --progress-bar off -r requirements.txt
+	$(PY) -m pip install --quiet --progress-bar off -r requirements.txt -r requirements-deploy.txt
 	$(PY) -m pip install --quiet --progress-bar off --no-deps -e . --config-settings editable_mode=compat
 	touch $@
 
@@ -30,6 +32,8 @@ demo: $(VENV)/.installed
 	$(STEP) $(PY) train.py --model resnet18 --epochs $(DEMO_EPOCHS) $(DEMO_FLAGS)
 	$(STEP) $(PY) evaluate.py checkpoints/resnet18_scratch/best.pt --cam-per-grade 4
 	$(STEP) $(PY) evaluate.py checkpoints/resnet18_scratch/best.pt --tta
+	$(STEP) $(PY) export.py checkpoints/resnet18_scratch/best.pt
+	$(STEP) $(PY) evaluate.py checkpoints/resnet18_scratch/best.onnx
 	@if $(STEP) $(PY) models.py --fetch resnet18; then \
 	  $(STEP) $(PY) train.py --model resnet18 --pretrained --epochs $(DEMO_EPOCHS) $(DEMO_FLAGS) && \
 	  $(STEP) $(PY) evaluate.py checkpoints/resnet18_pretrained/best.pt; \

@@ -3,6 +3,7 @@
     python bench.py            # every CPU measurement (about 10 minutes on 2 cores)
     python bench.py --quick    # the same measurements, seconds each (the test suite runs this)
     python bench.py --cuda     # the GPU table: ResNet18/50 at 512 px
+    python bench.py --export   # the deployment table: PyTorch eager vs onnxruntime fp32 and INT8 on this CPU
 
 Every claim is a ratio of two measurements taken in the same process on the same files. Timed
 regions are synchronised on CUDA; each figure is the median of several rounds after a warm-up.
@@ -10,6 +11,7 @@ regions are synchronised on CUDA; each figure is the median of several rounds af
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import json
 import math
@@ -31,6 +33,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 import dataloader
+import deploy
 import evaluate
 import fundus
 import models
@@ -503,6 +506,92 @@ def cuda_memory_fit(arch: str, size: int, device: torch.device, batches) -> dict
     return {"peak_gib": peaks, "gib_per_image": slope, "fixed_gib": intercept, "largest_batch": fits}
 
 
+# --------------------------------------------------------------------------- deployment
+# ResNet18/50 at the lab's 224 and 512 px, one photo at a time (a clinic's laptop) and batch 32 (a reading
+# centre's queue); a 512 px ResNet50 batch takes tens of seconds on 2 cores, so fewer rounds there
+EXPORT_ARCHS, EXPORT_SIZES, EXPORT_BATCHES = ("resnet18", "resnet50"), (224, 512), (1, 32)
+EAGER, EAGER_CL = "PyTorch eager (NCHW)", "PyTorch eager (channels_last)"
+FP32, INT8_STATIC, INT8_DYNAMIC = "onnxruntime fp32", "onnxruntime INT8 static", "onnxruntime INT8 dynamic"
+
+
+def cpu_features() -> str:
+    """The instruction-set extensions INT8 and fp32 kernels choose by (VNNI: int8 dot products)."""
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+    try:
+        flags = next(line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return "unknown"
+    return ", ".join(f for f in wanted if f in flags) or "none of " + ", ".join(wanted)
+
+
+def export_runners(model: torch.nn.Module, size: int, dynamic: bool, threads: int | None) -> dict:
+    """name -> fn(uint8 batch) for each way of running the same weights: PyTorch eager as evaluate.py runs a
+    checkpoint (both memory formats), and the file export.py writes in onnxruntime, fp32 and INT8 (static:
+    calibrated on random images, which sets other ranges than photos would but the same kernels; dynamic)."""
+    cpu = torch.device("cpu")
+    nchw = evaluate.TorchGrader(model, dataloader.BatchTransform(cpu, augment=False), contextlib.nullcontext())
+    channels_last = evaluate.TorchGrader(
+        copy.deepcopy(model).to(memory_format=torch.channels_last),
+        dataloader.BatchTransform(cpu, augment=False, channels_last=True), contextlib.nullcontext())
+    proto = deploy.export_fp32(model, size)
+    rng = np.random.default_rng(0)
+    calibration = [rng.integers(0, 256, (4, 3, size, size), dtype=np.uint8) for _ in range(2)]
+    sessions = {FP32: deploy.session(proto.SerializeToString(), threads),
+                INT8_STATIC: deploy.session(deploy.quantise_static(proto, calibration), threads)}
+    if dynamic:
+        sessions[INT8_DYNAMIC] = deploy.session(deploy.quantise_dynamic(proto), threads)
+    runners = {EAGER: nchw, EAGER_CL: channels_last}
+    runners.update({name: (lambda images, s=s: deploy.run(s, images.numpy())) for name, s in sessions.items()})
+    return runners
+
+
+def bench_export(quick: bool, threads: int | None = None) -> dict:
+    """ms per image of each runner, per model, size and batch, the runners interleaved within each round; with
+    threads, PyTorch and onnxruntime both compute on that many threads (default: each its own, one per core)."""
+    if threads:
+        torch.set_num_threads(threads)
+    archs, sizes, batches = (("resnet18",), (64,), (1, 4)) if quick else (EXPORT_ARCHS, EXPORT_SIZES, EXPORT_BATCHES)
+    rows = []
+    for arch in archs:
+        torch.manual_seed(0)
+        model = models.build_model(arch).eval()
+        for size in sizes:
+            # dynamic INT8 quantises activations per call and runs convolutions as ConvInteger, which has no
+            # fast kernel here (measured ~5x slower than fp32 at 224 px): timed at the smaller size only
+            runners = export_runners(model, size, dynamic=size <= 224, threads=threads)
+            for batch in batches:
+                images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8,
+                                       generator=torch.Generator().manual_seed(batch))
+                with torch.inference_mode():
+                    rates = interleaved_rates({name: (lambda r=r: r(images)) for name, r in runners.items()}, batch,
+                                              rounds=1 if quick else (3 if size <= 224 else 2))
+                rows.append({"arch": arch, "size": size, "batch": batch,
+                             "ms_per_image": {name: 1e3 / rate for name, rate in rates.items()}})
+    import onnxruntime
+
+    return {"rows": rows, "cpu_features": cpu_features(), "threads": threads or "default",
+            "versions": f"onnxruntime {onnxruntime.__version__}, opset {deploy.OPSET}"}
+
+
+def report_export(r: dict) -> str:
+    e = r["export"]
+    names = [EAGER, EAGER_CL, FP32, INT8_STATIC, INT8_DYNAMIC]
+    rows = []
+    for row in e["rows"]:
+        ms = row["ms_per_image"]
+        eager = min(ms[EAGER], ms[EAGER_CL])
+        rows.append([display(row["arch"]), row["size"], row["batch"],
+                     *(f"{ms[n]:.1f}" if n in ms else "not measured" for n in names),
+                     f"{eager / ms[FP32]:.2f}x", f"{ms[FP32] / ms[INT8_STATIC]:.2f}x"])
+    return table(f"Deployment on this CPU: ms per image, the same weights run four ways ({e['versions']}; "
+                 f"threads: {e.get('threads', 'default')}; CPU features: {e['cpu_features']})",
+                 ["model", "px", "batch", *names, "onnxruntime fp32 vs faster eager", "INT8 static vs fp32"], rows)
+
+
+def display(arch: str) -> str:
+    return arch.replace("resnet", "ResNet")
+
+
 # --------------------------------------------------------------------------- report
 def report_cpu(r: dict) -> str:
     parts = [f"Machine: {r['machine']}\n", f"Command: `{r['command']}`\n"]
@@ -583,18 +672,33 @@ def main(argv: list[str] | None = None) -> None:
     p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a seconds-long version of every measurement")
     p.add_argument("--cuda", action="store_true", help="the GPU table instead of the CPU one")
+    p.add_argument("--export", action="store_true",
+                   help="the deployment table instead: PyTorch eager vs onnxruntime fp32 and INT8 (needs "
+                        "requirements-deploy.txt)")
     p.add_argument("--out", default=None, help="also write every figure to this JSON file")
     p.add_argument("--workers", type=int, default=None, help="loader processes (default: CPUs, at most 16)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="with --export: compute threads of PyTorch and onnxruntime alike (default: each its own)")
     p.add_argument("--report", default=None, metavar="JSON", help="print the tables of an earlier --out file")
     args = p.parse_args(argv)
     if args.report:
         result = json.loads(Path(args.report).read_text())
         head = f"Machine: {result['machine']}\n\nCommand: `{result['command']}`\n\n"
-        print(head + report_cuda(result) if "cuda" in result else report_cpu(result))
+        reports = {"cuda": report_cuda, "export": report_export}
+        report = next((fn for key, fn in reports.items() if key in result), None)
+        print(head + report(result) if report else report_cpu(result))
         return
     command = "python bench.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     if args.cuda and not torch.cuda.is_available():
         raise UserError("--cuda: no CUDA device is visible here")
+    if args.export:
+        deploy.require("bench.py --export")
+        result = {"machine": machine(), "command": command, "export": bench_export(args.quick, args.threads)}
+        text = f"Machine: {result['machine']}\n\nCommand: `{command}`\n\n" + report_export(result)
+        print(text)
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+        return
     workers = args.workers if args.workers is not None else dataloader.default_workers()
     result = {"machine": machine(), "command": command, "workers": workers}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:

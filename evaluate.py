@@ -17,7 +17,9 @@ import functools
 import itertools
 import json
 import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,20 +28,24 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import dataloader
+import deploy
 import fundus
 import layouts
 import metrics
 import models
 from runtime import (GRADE_NAMES, NUM_GRADES, OUTPUT_KINDS, Parser, UserError, autocast, check_output,
-                     check_output_file, choose_device, exit_on_user_error, is_pretrained, load_checkpoint, memory_format,
-                     precision, progress, restore_model, weights_digest, worker_signals, write_text_atomic)
+                     check_output_file, choose_device, device_name, exit_on_user_error, input_file, is_pretrained,
+                     load_checkpoint, memory_format, precision, progress, restore_model, weights_digest, worker_signals,
+                     write_text_atomic)
 
 GRADES = metrics.GRADES
+CPU = torch.device("cpu")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    p.add_argument("checkpoint", help="a .pt file written by train.py")
+    p.add_argument("checkpoint", help="a .pt file written by train.py, or an .onnx file written by export.py "
+                                      "(run in onnxruntime)")
     p.add_argument("--data-root", default=None, help="dataset folder (default: the one the run trained on)")
     p.add_argument("--image-dir", default=None, help="image folder (default: the run's, or found under --data-root)")
     p.add_argument("--split", default="test", choices=["test", "val", "train", "all"],
@@ -83,19 +89,52 @@ def softmax_over_views(model, x: torch.Tensor, autocast_ctx, tta: bool) -> torch
         return torch.stack([F.softmax(model(v).float(), dim=1) for v in views]).mean(0)
 
 
+class TorchGrader:
+    """A checkpoint's model behind the one interface every grader has: uint8 batch [N, 3, S, S] in, softmax
+    probabilities [N, 5] float32 out, on the CPU (with tta, averaged over the 8 flips and quarter turns)."""
+
+    runtime = "torch"
+
+    def __init__(self, model: torch.nn.Module, transform, autocast_ctx):
+        self.model, self.transform, self.autocast_ctx = model.eval(), transform, autocast_ctx
+        self.device = next(model.parameters()).device
+
+    def __call__(self, images: torch.Tensor, tta: bool = False) -> torch.Tensor:
+        x = self.transform(images.to(self.device, non_blocking=True))
+        return softmax_over_views(self.model, x, self.autocast_ctx, tta).cpu()
+
+
+class OnnxGrader:
+    """An exported file (export.py) in onnxruntime on the CPU, behind the same interface as TorchGrader. The
+    normalisation is inside the file; the flips and quarter turns of tta commute with it, so they are taken
+    of the uint8 batch."""
+
+    runtime = "onnxruntime"
+
+    def __init__(self, session):
+        self.session = session
+
+    def __call__(self, images: torch.Tensor, tta: bool = False) -> torch.Tensor:
+        views = dataloader.dihedral_views(images) if tta else [images]
+        return torch.stack([torch.from_numpy(deploy.run(self.session, v.numpy())) for v in views]).mean(0)
+
+
 @torch.inference_mode()
-def predict(model, loader, transform, autocast_ctx, tta: bool = False, desc: str = "test",
-            show: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probabilities [N, 5] float32, grades [N]) of this process's shard, on the CPU. With tta, the
-    softmax is averaged over the 8 flips and quarter turns of each image."""
-    model.eval()
-    device = next(model.parameters()).device
+def predict_with(grader, loader, tta: bool = False, desc: str = "test",
+                 show: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probabilities [N, 5] float32, grades [N]) of this process's shard, on the CPU, from any grader
+    (TorchGrader, OnnxGrader): one path from pixels to the numbers, whatever runs the model."""
     log_probs, grades = [], []
     for images, batch_grades in progress(loader, len(loader), desc, show):
-        probs = softmax_over_views(model, transform(images.to(device, non_blocking=True)), autocast_ctx, tta)
-        log_probs.append(probs.clamp_min(1e-12).log().cpu())
+        log_probs.append(grader(images, tta).clamp_min(1e-12).log())
         grades.append(batch_grades)
     return torch.cat(log_probs), torch.cat(grades)
+
+
+def predict(model, loader, transform, autocast_ctx, tta: bool = False, desc: str = "test",
+            show: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """predict_with for a PyTorch model, its eval transform and autocast context (train.py's evaluation)."""
+    return predict_with(TorchGrader(model, transform, autocast_ctx), loader, tta, desc, show)
 
 
 def gather_shards(tensor: torch.Tensor) -> torch.Tensor:
@@ -161,6 +200,75 @@ def inference_setup(checkpoint: dict, source, device: torch.device):
     return load_model(checkpoint, source, device), transform, autocast(device, amp_dtype)
 
 
+# --------------------------------------------------------------------------- exported models
+EXPORTED = "exported"  # the key a model record read from an .onnx file has, and a checkpoint has not
+
+
+def load_model_file(path) -> dict:
+    """What evaluate.py runs: a checkpoint, or an exported file (export.py), read as the checkpoint it came from
+    (the record its metadata keeps: architecture, size, flags, data) with EXPORTED holding the file, its
+    precision and parameter count. The rest of the evaluation cannot tell the two apart."""
+    if not deploy.is_onnx_file(path):
+        return load_checkpoint(path)
+    path = input_file("model", path)
+    meta = deploy.read_metadata(path)
+    if not isinstance(meta.get("checkpoint"), dict):
+        raise UserError(f"{path} is an ONNX model, but not one export.py wrote (its metadata has no checkpoint "
+                        "record); export the checkpoint with export.py")
+    return {**meta["checkpoint"], EXPORTED: {"path": str(path), "precision": meta.get("precision", "fp32"),
+                                             "parameters": int(meta.get("parameters", 0))}}
+
+
+def make_grader(checkpoint: dict, source, device: torch.device):
+    """The model of a checkpoint (in PyTorch, as the run used it) or of an exported file (in onnxruntime)."""
+    if EXPORTED in checkpoint:
+        return OnnxGrader(deploy.session(checkpoint[EXPORTED]["path"]))
+    return TorchGrader(*inference_setup(checkpoint, source, device))
+
+
+def model_label(checkpoint: dict) -> str:
+    """What an exported file's evaluations add to the run's name (<run>_onnx, <run>_onnx_int8), so that they
+    sit beside the checkpoint's instead of replacing them; nothing for a checkpoint."""
+    if EXPORTED not in checkpoint:
+        return ""
+    return "_onnx_int8" if checkpoint[EXPORTED]["precision"].startswith("int8") else "_onnx"
+
+
+# A few repetitions after a warm-up: the median settles within a few per cent, and evaluate.py stays quick
+COST_REPEATS, COST_SECONDS, COST_BATCHES = 3, 2.0, (1, 32)
+
+
+def ms_per_image(grader, batch: int, size: int) -> float:
+    """Milliseconds per image of the grader on a random uint8 batch (the median of a few calls, after one)."""
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    grader(images)  # warm-up: first-call allocations, kernel choice
+    times = []
+    while not times or (len(times) < COST_REPEATS and sum(times) < COST_SECONDS):
+        start = time.perf_counter()
+        grader(images)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times) / batch
+
+
+def cost_of_a_grade(checkpoint: dict, path, device: torch.device) -> dict:
+    """What a grade costs where it ran: ms per image at batch 1 and 32, parameters, the file's size."""
+    grader = make_grader(checkpoint, path, device)
+    parameters = (checkpoint[EXPORTED]["parameters"] if EXPORTED in checkpoint
+                  else sum(p.numel() for p in grader.model.parameters()))
+    return {**{f"ms_per_image_batch{b}": round(ms_per_image(grader, b, checkpoint["image_size"]), 3)
+               for b in COST_BATCHES},
+            "parameters": parameters, "file_mb": round(Path(path).stat().st_size / 1e6, 2),
+            "device": device_name(CPU if EXPORTED in checkpoint else device), "runtime": grader.runtime,
+            "precision": checkpoint[EXPORTED]["precision"] if EXPORTED in checkpoint else "checkpoint's"}
+
+
+def format_cost(cost: dict) -> str:
+    return (f"cost of a grade ({cost['runtime']} on {cost['device']}): {cost['ms_per_image_batch1']:.1f} ms per "
+            f"image at batch 1, {cost['ms_per_image_batch32']:.1f} at batch 32; {cost['parameters'] / 1e6:.1f} M "
+            f"parameters, file {cost['file_mb']:.1f} MB")
+
+
 def run_data(checkpoint: dict, args) -> dataloader.FundusData:
     """The data to evaluate on: the run's own data and splits (found from any working folder, checked to be
     unchanged), or with --data-root the data there (in --layout, default the one its files show), split by
@@ -210,10 +318,10 @@ def predict_table(checkpoint: dict, table: dataloader.FundusTable, device: torch
                   workers: int, tta: bool, show: bool = False) -> np.ndarray:
     """Softmax probabilities [N, 5] of the table's images, in its order (NaN rows for images skipped as
     unreadable with the run's --skip-bad-images)."""
-    model, transform, ctx = inference_setup(checkpoint, table.source, device)
+    grader = make_grader(checkpoint, table.source, device)
     dataset = run_dataset(checkpoint, table, checkpoint["config"].get("skip_bad_images", False))
     loader = dataloader.build_loader(dataset, batch_size, dataloader.ShardSampler(len(dataset)), workers, device)
-    log_probs, grades = predict(model, loader, transform, ctx, tta=tta, desc="evaluate", show=show)
+    log_probs, grades = predict_with(grader, loader, tta=tta, desc="evaluate", show=show)
     probs = log_probs.exp().numpy().astype(np.float64)
     probs[grades.numpy() < 0] = np.nan
     return probs
@@ -358,7 +466,7 @@ def predict_photos(checkpoint: dict, paths: list[Path], device: torch.device, ba
     reason and empty numbers."""
     import pandas as pd
 
-    model, transform, ctx = inference_setup(checkpoint, paths[0], device)
+    grader = make_grader(checkpoint, paths[0], device)
     dataset = PhotoDataset(paths, checkpoint["image_size"], trained_on_ben_graham(checkpoint), force, min_quality)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          collate_fn=collate_photos, worker_init_fn=worker_signals)
@@ -371,11 +479,11 @@ def predict_photos(checkpoint: dict, paths: list[Path], device: torch.device, ba
         if not graded.any():
             continue
         images, index = images[graded], index[graded]
-        x = transform(images.to(device, non_blocking=True))
-        probs = softmax_over_views(model, x, ctx, tta).cpu()
+        probs = grader(images, tta)
         grades = probs.argmax(1)
-        if outputs is not None:
-            cams = grad_cam(model, x, grades.to(device)).cpu()
+        if outputs is not None:  # a TorchGrader: check_args refuses --cam for an exported file
+            x = grader.transform(images.to(device, non_blocking=True))
+            cams = grad_cam(grader.model, x, grades.to(device)).cpu()
             for j, i in enumerate(index.tolist()):
                 save_cam(paths[i], images[j], cams[j], int(grades[j]), float(probs[j, grades[j]]), *outputs[i])
         for j, i in enumerate(index.tolist()):
@@ -505,8 +613,9 @@ def evaluate_split_command(args, checkpoint: dict, device: torch.device, workers
     fundus = run_data(checkpoint, args)
     table = reported_table(fundus, args.split)
     on = evaluated_on(checkpoint, args, fundus, table)
-    base = f"{run_name}_tta" if args.tta else run_name  # the run's own predictions, whatever data is reported
-    name = f"{run_name}_on_{on}{'_tta' if args.tta else ''}" if on else base
+    label = run_name + model_label(checkpoint)  # an exported file's evaluations sit beside the checkpoint's
+    base = f"{label}_tta" if args.tta else label  # the run's own predictions, whatever data is reported
+    name = f"{label}_on_{on}{'_tta' if args.tta else ''}" if on else base
     reported = report_name(name, args.split, on is not None)
     reference = reference_data(checkpoint, args, fundus, on)
     cams = report_name(f"{run_name}_on_{on}" if on else run_name, args.split, on is not None)  # TTA or not alike
@@ -521,11 +630,12 @@ def evaluate_split_command(args, checkpoint: dict, device: torch.device, workers
     scores = split_scores(predictions, chosen)
     result = {"run_name": run_name, "arch": checkpoint["arch"], "pretrained": is_pretrained(checkpoint["config"]),
               "checkpoint": str(args.checkpoint), "epoch": checkpoint["epoch"],
-              "weights_digest": weights_digest(checkpoint["model"]), "split": args.split,
+              "weights_digest": checkpoint.get("weights_digest") or weights_digest(checkpoint["model"]),
+              "split": args.split,
               "data_digest": table.digest(), "num_images": len(predictions), "tta": args.tta,
               "predictions": str(outputs["predictions"]),
               "reference_predictions": str(reference_csv) if reference_csv else None, **scores,
-              **dataset_fields(table, on, probs)}
+              **dataset_fields(table, on, probs), **deployment_fields(checkpoint, args.checkpoint, device)}
     write_text_atomic(outputs["out"], json.dumps(result, indent=2))
     import plot  # matplotlib only when a figure is drawn
 
@@ -539,6 +649,7 @@ def evaluate_split_command(args, checkpoint: dict, device: torch.device, workers
           + (", TTA x8" if args.tta else ""))
     print(format_report(scores))
     print(clinical_report(result))
+    print(format_cost(result["cost"]))
     print(f"wrote {outputs['out']}, {outputs['predictions']}" + (f", {reference_csv}" if reference_csv else "")
           + f" and {outputs['figure']}")
     if args.cam_per_grade:
@@ -641,6 +752,15 @@ def dataset_fields(table: dataloader.FundusTable, on: str | None, probs: np.ndar
     return fields
 
 
+def deployment_fields(checkpoint: dict, path, device: torch.device) -> dict:
+    """What ran the model (torch or onnxruntime, and for an exported file its precision) and the cost of a grade."""
+    fields = {"runtime": OnnxGrader.runtime if EXPORTED in checkpoint else TorchGrader.runtime,
+              "cost": cost_of_a_grade(checkpoint, path, device)}
+    if EXPORTED in checkpoint:
+        fields["precision"] = checkpoint[EXPORTED]["precision"]
+    return fields
+
+
 def check_args(args) -> None:
     """Flags out of range, and outputs that cannot be written, before any work."""
     rules = [(args.batch_size >= 1, "--batch-size must be at least 1"),
@@ -655,6 +775,11 @@ def check_args(args) -> None:
                                                        "table of grades"),
              (args.layout == "auto" or args.data_root,
               "--layout needs --data-root (a run's own data keeps its layout)")]
+    if deploy.is_onnx_file(args.checkpoint):  # onnxruntime runs the file forward only, on the CPU
+        rules += [(not args.cam and not args.cam_per_grade, "--cam and --cam-per-grade need the PyTorch checkpoint "
+                                                            "(Grad-CAM takes gradients an ONNX file does not give)"),
+                  (args.device != "cuda", "--device cuda: an ONNX file runs in onnxruntime on the CPU here; evaluate "
+                                          "the checkpoint for the GPU")]
     for ok, message in rules:
         if not ok:
             raise UserError(message)
@@ -674,8 +799,8 @@ def check_args(args) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     check_args(args)
-    checkpoint = load_checkpoint(args.checkpoint)
-    device = choose_device(args.device)
+    checkpoint = load_model_file(args.checkpoint)
+    device = CPU if EXPORTED in checkpoint else choose_device(args.device)
     workers = args.workers if args.workers is not None else dataloader.default_workers()
     if args.images:
         grade_photos(args, checkpoint, device, workers)

@@ -40,6 +40,9 @@ OTHER_FOOTNOTE = ("Rows under the runs' own are one evaluation each (evaluate.py
 ON_FOOTNOTE = ("Rows 'RUN on DATASET' evaluate the run's checkpoint on another dataset (other names or grades than "
                "the run's splits; a moved copy of its own data is not another dataset): accuracy, kappa and macro "
                "F1 there, not on the run's test split.")
+EXPORTED_FOOTNOTE = ("Rows 'RUN (ONNX ...)' evaluate the file export.py made of the run's checkpoint, run in "
+                     "onnxruntime. Cost: milliseconds per image at batch 1 / 32 where the evaluation ran (random input after a "
+                     "warm-up; the checkpoint's row times PyTorch), parameters, and the size of the file evaluated.")
 
 
 def display_name(arch: str) -> str:
@@ -500,11 +503,17 @@ def best_epoch_row(run: dict) -> tuple[pd.Series, bool]:
     return history.loc[history["val_acc" if by_val else "test_acc"].idxmax()], by_val
 
 
+def is_exported(evaluation: dict) -> bool:
+    """An evaluation of an exported file (evaluate.py MODEL.onnx), which gets a row of its own."""
+    return evaluation["data"].get("runtime") == "onnxruntime"
+
+
 def eval_for(run: dict, evals: list[dict]) -> dict | None:
     """The run's plain evaluation of its own test split (no TTA), whose numbers share the run's row with the
     log's best test accuracy: one split in one row. Every other evaluation has a row of its own."""
     mine = [e for e in evals if e["data"].get("run_name", e["name"]) == run["name"] and not e["data"].get("evaluated_on")
-            and e["data"].get("split", "test") == "test" and not e["data"].get("tta")]
+            and e["data"].get("split", "test") == "test" and not e["data"].get("tta")
+            and not is_exported(e)]
     return mine[0] if mine else None
 
 
@@ -520,9 +529,17 @@ def _screening_cells(evaluation: dict) -> list[str]:
     return [_number(referable.get("auc"), ".3f"), both, _number(evaluation.get("kappa_tuned"), ".3f")]
 
 
+def _cost_cells(evaluation: dict) -> list[str]:
+    """The cost of a grade: ms per image at batch 1 / 32, parameters (millions), file size (MB)."""
+    cost = evaluation.get("cost") or {}
+    ms = ("-" if not cost else f"{cost['ms_per_image_batch1']:.1f} / {cost['ms_per_image_batch32']:.1f}")
+    return [ms, _number(cost["parameters"] / 1e6 if cost else None, ".1f"), _number(cost.get("file_mb"), ".1f")]
+
+
 SUMMARY_HEADER = ["| run | model | pretrained | epochs | best epoch | split | accuracy (%) | kappa | macro F1 "
-                  "| referable AUC | referable sens / spec (%) | tuned kappa | images/s |",
-                  "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| referable AUC | referable sens / spec (%) | tuned kappa | images/s | ms per image (batch 1 / 32) "
+                  "| parameters (M) | file (MB) |",
+                  "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
 
 def summary_table(runs: list[dict], evals: list[dict]) -> str:
@@ -541,27 +558,31 @@ def summary_table(runs: list[dict], evals: list[dict]) -> str:
             str(len(run["history"])), str(int(row["epoch"])), "test",
             _number(100 * row["test_acc"], ".2f") + ("*" if by_val else ""),
             _number(data.get("kappa", row["test_kappa"]), ".3f"), _number(data.get("macro_f1"), ".3f"),
-            *_screening_cells(data), _number(speed, ".1f")]) + " |")
+            *_screening_cells(data), _number(speed, ".1f"), *_cost_cells(data)]) + " |")
     others = evaluation_rows([e for e in evals if all(e is not s for s in shown)])
     external = any(e["data"].get("evaluated_on") for e in evals)
+    exported = any(is_exported(e) for e in evals)
     return "\n".join(lines + others + (["", VAL_FOOTNOTE] if any_by_val else [])
-                     + (["", OTHER_FOOTNOTE] if others else []) + (["", ON_FOOTNOTE] if external else [])) + "\n"
+                     + (["", OTHER_FOOTNOTE] if others else []) + (["", ON_FOOTNOTE] if external else [])
+                     + (["", EXPORTED_FOOTNOTE] if exported else [])) + "\n"
 
 
 def evaluation_rows(evals: list[dict]) -> list[str]:
     """A summary row per evaluation that is not a run's own plain test split: `<run> on <dataset>` (evaluate.py
-    --split all or --data-root another dataset), `<run> (TTA)`, or the run's train, val or every split."""
+    --split all or --data-root another dataset), `<run> (ONNX fp32)` (an exported file), `<run> (TTA)`, or the
+    run's train, val or every split."""
     rows = []
     for evaluation in sorted(evals, key=lambda e: e["name"]):
         data = evaluation["data"]
         accuracy, on = data.get("accuracy"), data.get("evaluated_on")
+        exported = f" (ONNX {str(data.get('precision', 'fp32')).split(' ')[0]})" if is_exported(evaluation) else ""
         rows.append(" | ".join([
-            f"| {data.get('run_name', evaluation['name'])}" + (f" on {on}" if on else "")
+            f"| {data.get('run_name', evaluation['name'])}{exported}" + (f" on {on}" if on else "")
             + (" (TTA)" if data.get("tta") else ""),
             display_name(str(data.get("arch", "-")).lower()), "yes" if data.get("pretrained") else "no",
             str(data.get("epoch", "-")), "-", str(data.get("split", "test")),
             _number(None if accuracy is None else 100 * accuracy, ".2f"), _number(data.get("kappa"), ".3f"),
-            _number(data.get("macro_f1"), ".3f"), *_screening_cells(data), "-"]) + " |")
+            _number(data.get("macro_f1"), ".3f"), *_screening_cells(data), "-", *_cost_cells(data)]) + " |")
     return rows
 
 

@@ -341,6 +341,16 @@ def _zip_members(path: Path) -> set:
         return set()
 
 
+def _ends_with_export_metadata(path: Path) -> bool:
+    # an ONNX ModelProto starts with its ir_version field (tag 0x08) and serialises metadata_props (field 14)
+    # after the graph: export.py's keys lie in the file's last bytes
+    with open(path, "rb") as f:
+        if f.read(1) != b"\x08":
+            return False
+        f.seek(max(0, path.stat().st_size - (1 << 20)))
+        return b"checked_against_pytorch" in f.read()
+
+
 OUTPUT_KINDS = {
     "a metrics JSON of evaluate.py": lambda p: "confusion_matrix" in _json_keys(p),
     "a predictions table of evaluate.py": lambda p: _first_line(p).startswith("image,grade,pred,"),
@@ -355,6 +365,7 @@ OUTPUT_KINDS = {
     "a run's per-epoch log of train.py": lambda p: _first_line(p).startswith("epoch,train_loss,"),
     "a run's summary of train.py": lambda p: {"run_name", "epochs_done", "config"} <= _json_keys(p),
     "a checkpoint": lambda p: "data.pkl" in _zip_members(p),
+    "an ONNX model written by export.py": lambda p: _ends_with_export_metadata(p),
 }
 
 
@@ -495,6 +506,20 @@ def choose_device(name: str, local_rank: int = 0) -> torch.device:
         raise UserError("--device cuda: no CUDA device is visible here; use --device cpu")
     use_cuda = name == "cuda" or (name == "auto" and torch.cuda.is_available())
     return torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+
+
+def device_name(device: torch.device) -> str:
+    """The processor or GPU a figure was measured on, as a person names it: "AMD EPYC, 2 cores"."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = "CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{cpu}, {cores} cores"
 
 
 def precision(amp: bool | None, device: torch.device) -> tuple[torch.dtype | None, bool]:

@@ -48,3 +48,21 @@ def test_quick_bench_measures_everything(repo_root, tmp_path):
     again = subprocess.run([sys.executable, "bench.py", "--report", str(out)], cwd=repo_root, capture_output=True,
                            text=True, check=True).stdout
     assert again.strip() == result.stdout.strip()
+
+
+def test_quick_export_table_times_every_runner(repo_root, tmp_path):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "export.json"
+    result = subprocess.run([sys.executable, "bench.py", "--export", "--quick", "--out", str(out)], cwd=repo_root,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["export"]["rows"]
+    assert [(r["arch"], r["size"], r["batch"]) for r in rows] == [("resnet18", 64, 1), ("resnet18", 64, 4)]
+    for row in rows:
+        assert set(row["ms_per_image"]) == {bench.EAGER, bench.EAGER_CL, bench.FP32, bench.INT8_STATIC,
+                                            bench.INT8_DYNAMIC}
+        assert all(math.isfinite(v) and v > 0 for v in row["ms_per_image"].values())
+    assert "### Deployment on this CPU" in result.stdout and "INT8 static vs fp32" in result.stdout
+    again = subprocess.run([sys.executable, "bench.py", "--report", str(out)], cwd=repo_root, capture_output=True,
+                           text=True, check=True).stdout
+    assert again.strip() == result.stdout.strip()
