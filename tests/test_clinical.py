@@ -142,7 +142,7 @@ def val_run(tmp_path_factory):
     train.main(["--data-root", str(root), "--batch-size", "16", "--workers", "0", "--epochs", "3",
                 "--optimizer", "adamw", "--val-fraction", "0.3", "--checkpoint-dir", str(out / "checkpoints"),
                 "--log-dir", str(out / "logs"), "--quiet"])
-    ckpt = out / "checkpoints" / "resnet18_scratch" / "last.pt"
+    ckpt = out / "checkpoints" / "resnet18_scratch" / "best.pt"  # plot.py shows evaluations of best.pt only
     evaluate.main([str(ckpt), "--workers", "0", "--quiet", "--figure-dir", str(out / "figures")])
     return out, root, ckpt
 
@@ -211,7 +211,8 @@ def test_the_training_log_holds_the_referable_auc(val_run):
     log = pd.read_csv(out / "logs" / "resnet18_scratch.csv")
     assert log.columns[-1] == "test_referable_auc"
     result = json.loads((out / "logs" / "resnet18_scratch_eval.json").read_text())
-    assert log["test_referable_auc"].iloc[-1] == pytest.approx(result["referable"]["auc"], abs=1e-5)
+    best = json.loads((out / "logs" / "resnet18_scratch.json").read_text())["best_epoch"]
+    assert log["test_referable_auc"].iloc[best - 1] == pytest.approx(result["referable"]["auc"], abs=1e-5)
 
 
 def test_plot_draws_roc_and_reliability_and_the_summary_columns(val_run, tmp_path):
