@@ -39,8 +39,7 @@ CPU = torch.device("cpu")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("checkpoint", help="a .pt file written by train.py")
     p.add_argument("--out", default=None,
                    help="the ONNX file (default: beside the checkpoint, best.pt -> best.onnx, with --int8 "

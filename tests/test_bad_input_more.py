@@ -15,6 +15,7 @@ from PIL import Image
 import bench
 import dataloader
 import evaluate
+import export
 import layouts
 import metrics
 import models
@@ -43,7 +44,7 @@ def photo(path: Path, size=(8, 8), colour=(120, 60, 30)) -> Path:
 
 # --------------------------------------------------------------------------- --help of every script
 @pytest.mark.parametrize("script", [train.main, evaluate.main, plot.main, prepare.main, dataloader.main,
-                                    synthetic.main, bench.main, models.main],
+                                    synthetic.main, bench.main, models.main, export.main],
                          ids=lambda s: s.__module__)
 def test_help_states_each_default_once(script, capsys):
     with pytest.raises(SystemExit) as exit_info:
