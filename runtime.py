@@ -314,6 +314,8 @@ def _json_keys(path: Path) -> set:
     import json
 
     try:
+        if path.stat().st_size > 1 << 26:  # no JSON this repo writes is that large; a checkpoint often is
+            return set()
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return set()
@@ -360,12 +362,14 @@ OUTPUT_KINDS = {
     "a summary table of plot.py": lambda p: _first_line(p).startswith("| run |"),
     "a list of left-out photos of dataloader.py": lambda p: _first_line(p).startswith("split,name,reason,path"),
     "a list of ungradable photos of data/prepare.py": lambda p: _first_line(p).startswith("path,reason"),
-    # the lab layout's CSVs have no header: prepare.py's are those of a folder it made (its options record)
-    "a lab-layout table of data/prepare.py": lambda p: (p.parent / "prepare_options.json").is_file(),
     "a run's per-epoch log of train.py": lambda p: _first_line(p).startswith("epoch,train_loss,"),
     "a run's summary of train.py": lambda p: {"run_name", "epochs_done", "config"} <= _json_keys(p),
     "a checkpoint": lambda p: "data.pkl" in _zip_members(p),
     "an ONNX model written by export.py": lambda p: _ends_with_export_metadata(p),
+    # the lab layout's CSVs have no header: prepare.py's are those of a folder it made (its options record)
+    "a lab-layout table of data/prepare.py": lambda p: (p.name in ("train_img.csv", "train_label.csv", "test_img.csv",
+                                                                   "test_label.csv")
+                                                        and (p.parent / "prepare_options.json").is_file()),
 }
 
 
