@@ -85,6 +85,39 @@ def haemorrhage(img: Image.Image, cx: float, cy: float, r: float) -> Image.Image
     return out.filter(ImageFilter.GaussianBlur(1.5))
 
 
+def exudates(img: Image.Image, cx: float, cy: float, spread: float, n: int = 40, seed: int = 0) -> Image.Image:
+    """A cluster of n hard exudates (yellow-white dots, 2-5 px) within spread px of (cx, cy), edges softened."""
+    rng = np.random.default_rng(seed)
+    out = img.copy()
+    pen = ImageDraw.Draw(out)
+    for _ in range(n):
+        x, y = cx + rng.normal(0, spread / 2), cy + rng.normal(0, spread / 2)
+        r = rng.uniform(2, 5)
+        pen.ellipse([x - r, y - r, x + r, y + r], fill=(250, 225, 120))
+    return out.filter(ImageFilter.GaussianBlur(1.0))
+
+
+def outer_eye(w=600, h=400, cx=300.0, cy=200.0, r=185.0, seed=0) -> Image.Image:
+    """What DrimDB's outliers are: an open eye photographed through a fundus camera's field. Skin around an
+    almond opening, white sclera, a brown iris with a black pupil and a catchlight, lashes along the upper lid;
+    softened by the optics, with sensor noise and JPEG as a camera adds them."""
+    rng = np.random.default_rng(seed)
+    img = Image.new("RGB", (w, h), (215, 160, 130))
+    pen = ImageDraw.Draw(img)
+    ex, ey, ew, eh = cx, cy + 0.05 * r, 0.95 * r, 0.45 * r  # a close-up: the opening spans the field
+    pen.ellipse([ex - ew, ey - eh, ex + ew, ey + eh], fill=(232, 222, 215))  # the opening: sclera
+    ir = 0.38 * r
+    pen.ellipse([ex - ir, ey - ir, ex + ir, ey + ir], fill=(110, 70, 40))  # iris
+    pen.ellipse([ex - 0.4 * ir, ey - 0.4 * ir, ex + 0.4 * ir, ey + 0.4 * ir], fill=(12, 10, 10))  # pupil
+    pen.ellipse([ex - 0.4 * ir + 6, ey - 0.4 * ir + 6, ex - 0.4 * ir + 14, ey - 0.4 * ir + 14], fill=(250, 250, 250))
+    for x in np.linspace(ex - ew * 0.8, ex + ew * 0.8, 45):
+        base = ey - eh * math.sqrt(max(0.0, 1 - ((x - ex) / ew) ** 2))  # on the upper lid's rim
+        pen.line([(x, base), (x + rng.uniform(-12, 12), base - rng.uniform(25, 45))], fill=(30, 20, 15), width=2)
+    pixels = np.asarray(img.filter(ImageFilter.GaussianBlur(1.2)), np.float32) + rng.normal(0, 3, (h, w, 3))
+    pixels[~field_mask(w, h, cx, cy, r)] = 0
+    return jpeg_copy(Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)), 85)
+
+
 def png16(path, values: np.ndarray, significant_bits: int | None = None) -> None:
     """A 16-bit PNG (greyscale H x W or RGB H x W x 3, uint16), with an sBIT chunk when significant_bits is
     given: written by hand, as Pillow writes no 16-bit RGB PNG and no sBIT."""
