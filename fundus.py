@@ -323,11 +323,11 @@ def is_eye_crop(img: Image.Image, field: Field | None = None) -> bool:
 
 # --------------------------------------------------------------------------- gradability
 # The check is a measured classifier (issue 19): a few measures of the field, each independent of the camera's
-# resolution and exposure; a logistic regression on three of them scores gradability, and one (chroma_edges)
-# with a limit tells a retina from anything else. QUALITY_MODEL holds the coefficients, the limit and the
-# operating point, fitted by benchmarks/quality_check.py on public labelled photographs (DrimDB, EyePACS with
-# EyeQ's labels) with the held-out figures beside them. The measures are taken on the field's bounding square resampled to
-# QUALITY_SIDE, so a photo at 350, 760 or 1,500 px (or a 12 MP camera file) gives the same numbers.
+# resolution and exposure; a logistic regression on three of them scores gradability, and one, chroma_edges, with a
+# limit tells a retina from anything else. QUALITY_MODEL holds the coefficients, the limit and the operating point,
+# fitted by benchmarks/quality_check.py on public labelled photographs (DrimDB, EyePACS with EyeQ's labels) with the
+# held-out figures beside them. The measures are taken on the field's bounding square resampled to QUALITY_SIDE, so a
+# photo at 350, 760 or 1,500 px (or a 12 MP camera file) gives the same numbers.
 QUALITY_SIDE = 256
 QUALITY_MODEL = Path(__file__).with_name("quality_model.json")
 # Inside this share of the radius: the rim of every camera is vignetted, notched or cut by the frame.
@@ -410,25 +410,25 @@ def sharpness(green: np.ndarray, inside: np.ndarray) -> float:
     return float(np.percentile(np.partition(tiles, k, axis=1)[:, k], SHARP_PERCENTILE))
 
 
-def chroma_edges(square: Image.Image, inside: np.ndarray, side: float) -> float:
-    """How sharply the field's blue share b/(r+g+b) changes: its gradient's CHROMA_PERCENTILE percentile
-    over the well-lit field, away from its brightest parts (see CHROMA_SIGMA; side: the field's bounding
-    square in the photo's pixels). A retina is one tissue lit through one pupil, and what changes its colour
-    is blood and pigment, which trade red against green: vessels, haemorrhages, fibrosis and laser scars
-    leave the blue share nearly as it was (a drawn blot haemorrhage over a quarter of the field reads 0.4 of
-    the highest real fundus photo; its red share's gradient read 2.0). An outer eye, an eyelid, skin, a face
-    or a room is several materials side by side, and the blue share jumps where sclera meets iris or skin,
-    where lashes cross skin. 0 where too little of the field is lit to tell."""
-    rgb = np.asarray(square.reduce(2), np.float32)
-    half = inside[::2, ::2] & inside[1::2, 1::2]
-    sigma = max(CHROMA_SIGMA, CHROMA_SOURCE_PX * rgb.shape[0] / max(side, 1.0))
-    blue = ndimage.gaussian_filter(rgb[..., 2] / np.maximum(rgb.sum(axis=2), 1.0), sigma)
-    keep = ndimage.binary_erosion(half, iterations=CHROMA_RIM) & \
-        (ndimage.minimum_filter(rgb.max(axis=2), CHROMA_LIT) > CHROMA_FLOOR)
+def chroma_edges(rgb: tuple[np.ndarray, np.ndarray, np.ndarray], brightest: np.ndarray, inside: np.ndarray,
+                 side: float) -> float:
+    """How sharply the field's blue share b/(r+g+b) changes: its gradient's CHROMA_PERCENTILE percentile over the
+    well-lit field, away from its brightest parts (see CHROMA_SIGMA; side: the field's bounding square in the
+    photo's pixels; rgb, brightest and inside: the square's channels, their maximum and the field, all at half
+    QUALITY_SIDE, as quality_measures has them). A retina is one tissue lit through one pupil, and what changes its
+    colour is blood and pigment, which trade red against green: vessels, haemorrhages, fibrosis and laser scars
+    leave the blue share nearly as it was (a drawn blot haemorrhage over a quarter of the field reads 0.4 of the
+    highest real fundus photo; its red share's gradient read 2.0). An outer eye, an eyelid, skin, a face or a room
+    is several materials side by side, and the blue share jumps where sclera meets iris or skin, where lashes cross
+    skin. 0 where too little of the field is lit to tell."""
+    total = rgb[0] + rgb[1] + rgb[2]
+    sigma = max(CHROMA_SIGMA, CHROMA_SOURCE_PX * total.shape[0] / max(side, 1.0))
+    blue = ndimage.gaussian_filter(rgb[2] / np.maximum(total, 1.0), sigma)
+    keep = ndimage.binary_erosion(inside, iterations=CHROMA_RIM) & \
+        (ndimage.minimum_filter(brightest, CHROMA_LIT) > CHROMA_FLOOR)
     if keep.sum() < 64:
         return 0.0
-    grey = rgb.mean(axis=2)
-    keep &= ~ndimage.binary_dilation(grey > np.percentile(grey[keep], 100 - CHROMA_BRIGHT), iterations=CHROMA_GROW)
+    keep &= ~ndimage.binary_dilation(total > np.percentile(total[keep], 100 - CHROMA_BRIGHT), iterations=CHROMA_GROW)
     return float(np.percentile(np.hypot(*np.gradient(blue))[keep], CHROMA_PERCENTILE)) if keep.sum() >= 64 else 0.0
 
 
@@ -452,7 +452,7 @@ def quality_measures(photo: Image.Image, field: Field) -> dict:
     return {"brightness": float(np.median(top)) / 255,
             "saturation": float(np.median((top - darkest) / np.maximum(top, 1.0))),
             "white": float((darkest > 200).mean()), "contrast": float(high - low) / max(float(median_green), 1.0),
-            "chroma_edges": chroma_edges(square, inside, 2 * field.r),
+            "chroma_edges": chroma_edges((red, green, blue), brightest, half, 2 * field.r),
             "sharpness": sharp, "red": float(np.median(r)), "green": float(median_green),
             "blue": float(np.median(b)), "span": 2 * field.r / min(field.size)}
 
