@@ -366,6 +366,10 @@ OUTPUT_KINDS = {
     "a run's summary of train.py": lambda p: {"run_name", "epochs_done", "config"} <= _json_keys(p),
     "a checkpoint": lambda p: "data.pkl" in _zip_members(p),
     "an ONNX model written by export.py": lambda p: _ends_with_export_metadata(p),
+    "a gradability model of benchmarks/quality_check.py": lambda p: {"fundus", "gradable", "min_quality"}
+    <= _json_keys(p),
+    "the figures of benchmarks/quality_check.py": lambda p: {"photos", "held_out"} <= _json_keys(p),
+    "a measures cache of benchmarks/quality_check.py": lambda p: _first_line(p).startswith("brightness,saturation,"),
     # the lab layout's CSVs have no header: prepare.py's are those of a folder it made (its options record)
     "a lab-layout table of data/prepare.py": lambda p: (p.name in ("train_img.csv", "train_label.csv", "test_img.csv",
                                                                    "test_label.csv")

@@ -29,6 +29,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fundus  # noqa: E402
+from runtime import Parser, UserError, atomic_write, check_output_file, exit_on_user_error  # noqa: E402
 
 # The measures each part reads: few, and each one a ratio or a share (no pixel counts, no camera's colour),
 # so that a model fitted on two cameras carries to others. log(value + offset) keeps zeros finite.
@@ -81,7 +82,8 @@ def measures_table(table: pd.DataFrame, cache: Path | None) -> pd.DataFrame:
         rows.append({**fundus.quality_measures(photo, field), "ms": 1e3 * (time.perf_counter() - start)})
     found = pd.DataFrame(rows)
     if cache is not None:
-        found.assign(path=[str(p) for p in table["path"]]).to_csv(cache, index=False)
+        with atomic_write(cache, "w") as f:
+            found.assign(path=[str(p) for p in table["path"]]).to_csv(f, index=False)
     return table.join(found)
 
 
@@ -175,7 +177,7 @@ def figures(table: pd.DataFrame, result: pd.DataFrame) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--drimdb", type=Path, required=True, help="DrimDB folder with Good/, Bad/, Outlier/")
     p.add_argument("--eyepacs", type=Path, required=True,
                    help="folder with train/, trainLabels.csv and eyeq_quality.csv")
@@ -188,8 +190,42 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def describe(table: pd.DataFrame) -> str:
+    """The photos fitted, in words, counted."""
+    count = table.groupby(["set", "label"]).size().to_dict()
+    drimdb = "/".join(str(count.get(("drimdb", label), 0)) for label in ("good", "bad", "outlier"))
+    eyepacs = int((table["set"] == "eyepacs").sum())
+    eyeq = sum(count.get(("eyepacs", label), 0) for label in ("good", "usable", "reject"))
+    return (f"DrimDB Good/Bad/Outlier (Sevik et al. 2014; {drimdb} photos), EyePACS Kaggle train sample "
+            f"({eyepacs} photos) with EyeQ quality labels (Fu et al. 2019) for {eyeq}")
+
+
+MODEL_KIND = "a gradability model of benchmarks/quality_check.py"
+FIGURES_KIND = "the figures of benchmarks/quality_check.py"
+CACHE_KIND = "a measures cache of benchmarks/quality_check.py"
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """One sentence naming the flag and what is missing, before any photo is read; and no output over a file
+    of another kind (runtime.check_output_file)."""
+    for flag, folder, needs in (("--drimdb", args.drimdb, ("Good/", "Bad/", "Outlier/")),
+                                ("--eyepacs", args.eyepacs, ("train/", "trainLabels.csv", "eyeq_quality.csv"))):
+        if not folder.is_dir():
+            raise UserError(f"{flag} {folder} is not a folder")
+        missing = [name for name in needs if not (folder / name.rstrip("/")).exists()]
+        if missing:
+            raise UserError(f"{flag} {folder} has no {', '.join(missing)} (it needs {', '.join(needs)})")
+    for flag, path, kind in (("--write", args.write, MODEL_KIND), ("--json", args.json, FIGURES_KIND),
+                             ("--cache", args.cache, CACHE_KIND)):
+        if path is not None:
+            check_output_file(flag, path, kind, [args.eyepacs / "trainLabels.csv",
+                                                 args.eyepacs / "eyeq_quality.csv"])
+
+
+@exit_on_user_error
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_inputs(args)
     table = measures_table(photos(args.drimdb, args.eyepacs), args.cache)
     result = {"photos": len(table), "held_out": figures(table, out_of_fold(table)),
               "fit_drimdb_measured_eyepacs": figures(table, cross_set(table, "drimdb")),
@@ -198,15 +234,16 @@ def main(argv=None) -> int:
               "ms_per_photo_p95": round(float(table["ms"].quantile(0.95)), 2)}
     print(json.dumps(result, indent=1))
     if args.json:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        with atomic_write(args.json, "w") as f:
+            f.write(json.dumps(result, indent=1) + "\n")
     if args.write:
         model = fit(table)
         model["provenance"] = {
             "script": "benchmarks/quality_check.py --drimdb DIR --eyepacs DIR --write quality_model.json",
-            "data": "DrimDB Good/Bad/Outlier (Sevik et al. 2014; 83/46/15 photos), EyePACS Kaggle train sample "
-                    "(130 photos) with EyeQ quality labels (Fu et al. 2019) for 48",
+            "data": describe(table),
             "held_out": result["held_out"], "cross_set": {k: result[k] for k in result if k.startswith("fit_")}}
-        args.write.write_text(json.dumps(model, indent=1) + "\n")
+        with atomic_write(args.write, "w") as f:
+            f.write(json.dumps(model, indent=1) + "\n")
         print(f"wrote {args.write}")
     return 0
 
