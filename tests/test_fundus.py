@@ -282,15 +282,21 @@ def test_an_open_eye_through_the_camera_is_not_a_fundus_photo_but_lesions_are_a_
 
 
 def test_a_photo_that_may_be_a_fundus_is_judged_on_its_quality_alone():
-    # a photo whose colour edges lie under the fundus limit is judged as a fundus, on its quality alone: the
-    # score is P(gradable), whatever its reading; over the limit it is no fundus photo, whatever its quality
+    # a photo whose colour edges lie under the fundus limit and whose colour part's P(fundus) lies above its
+    # threshold (here 0.3, under one half) is judged as a fundus, on its quality alone: the score is
+    # P(gradable), whatever those readings; past either one it is no fundus photo, whatever its quality
     measures = fundus.assess(drawn("round_on_black")[0]).measures
     model = json.loads(json.dumps(fundus.quality_model()))
     reading = measures[model["fundus"]["measure"]]
-    model["fundus"]["limit"] = 1.01 * reading
+    colours = model["fundus_colour"]
+    logit = float(fundus.model_inputs(colours, measures) @ np.array(colours["coef"]))
+    colours["intercept"] = float(np.log(0.3 / 0.7)) - logit
+    assert fundus.probability(colours, measures) == pytest.approx(0.3)
+    model["fundus"]["limit"], colours["threshold"] = 1.01 * reading, 0.25
     gradable, reason, score = fundus.verdict(measures, model=model)
     assert gradable, reason
     assert score == pytest.approx(fundus.probability(model["gradable"], measures))
-    model["fundus"]["limit"] = 0.99 * reading
-    gradable, reason, score = fundus.verdict(measures, model=model)
-    assert not gradable and reason.startswith(fundus.NOT_FUNDUS) and score == 0.0, reason
+    for limit, threshold in ((0.99 * reading, 0.25), (1.01 * reading, 0.35)):
+        model["fundus"]["limit"], colours["threshold"] = limit, threshold
+        gradable, reason, score = fundus.verdict(measures, model=model)
+        assert not gradable and reason.startswith(fundus.NOT_FUNDUS) and score == 0.0, reason
