@@ -345,11 +345,11 @@ SHARP_PATCH, SHARP_PERCENTILE = 16, 90
 SHARP_SIGMAS = (1.6, 4.0)
 # Colour edges are read on the square at half QUALITY_SIDE (128 px), the blue share smoothed over CHROMA_SIGMA px
 # there and over at least CHROMA_SOURCE_PX pixels of the photo itself (a 128 px photo's JPEG chroma is blotchy
-# pixel by pixel: the demo set's read 0.6-1.6 of the highest real fundus photo at 1.5 px, 0.2-1.2 at 3 of its
-# own), where the brightest channel is at least CHROMA_FLOOR of 255 over CHROMA_LIT px around (darker, the
-# blue share is JPEG noise), CHROMA_RIM px inside the field's edge and CHROMA_GROW px away from the brightest
-# CHROMA_BRIGHT % of the field (the optic disc, exudates and cotton-wool spots are yellow or white on orange:
-# their rims are the only sharp colour edges a retina has), at the CHROMA_PERCENTILE percentile.
+# pixel by pixel: the demo set's read up to 1.9 times the highest real fundus photo at 1.5 px, at most 1.15 at 3
+# of its own), where the brightest channel is at least CHROMA_FLOOR of 255 over CHROMA_LIT px around (darker,
+# the blue share is JPEG noise), CHROMA_RIM px inside the field's edge and CHROMA_GROW px away from the
+# brightest CHROMA_BRIGHT % of the field (the optic disc, exudates and cotton-wool spots are yellow or white on
+# orange: their rims are the only sharp colour edges a retina has), at the CHROMA_PERCENTILE percentile.
 CHROMA_SIGMA, CHROMA_SOURCE_PX, CHROMA_FLOOR, CHROMA_LIT, CHROMA_RIM = 1.5, 3.0, 40, 3, 3
 CHROMA_BRIGHT, CHROMA_GROW, CHROMA_PERCENTILE = 5, 2, 95
 # Colour is read on the square smoothed over this many pixels (of QUALITY_SIDE: means of blocks this wide, then a
