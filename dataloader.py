@@ -100,7 +100,8 @@ class FundusData:
     excluded: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["split", "name", "reason", "path"]))
 
     def prepare_options(self) -> dict | None:
-        """What data/prepare.py recorded when it made this folder (size, Ben Graham), if it did."""
+        """What data/prepare.py recorded when it made this folder (size, Ben Graham, the lowest operating point
+        of the quality check a crop was accepted at), if it did."""
         record = self.root / "prepare_options.json"
         return json.loads(record.read_text()) if record.is_file() else None
 

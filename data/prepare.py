@@ -129,12 +129,16 @@ def list_photos(src_dir: Path) -> list[Path]:
     return photos
 
 
-def check_options(dst_dir: Path, size: int, ben_graham: bool) -> None:
-    """All crops in DST_DIR are made alike: a rerun with another --size or --ben-graham would skip
-    the existing crops and silently mix two kinds of image, so it stops instead."""
+def check_options(dst_dir: Path, size: int, ben_graham: bool, min_quality: float) -> None:
+    """All crops in DST_DIR are made alike: a rerun with another --size or --ben-graham would skip the existing
+    crops and silently mix two kinds of image, so it stops instead. The record also keeps the lowest operating
+    point (--min-quality, or the model's) any crop there was accepted at: a rerun at a lower one adds the
+    photos it now accepts, but a higher one would leave the crops scoring between the two in images/ beside
+    the photos it refuses, so it stops too. (A record written before this was kept has no operating point:
+    it is taken as this run's.)"""
     wanted, record = {"size": size, "ben_graham": ben_graham}, dst_dir / OPTIONS_FILE
     if not record.is_file():
-        write_text_atomic(record, json.dumps(wanted) + "\n")
+        write_text_atomic(record, json.dumps({**wanted, "min_quality": min_quality}) + "\n")
         return
     try:
         made = json.loads(record.read_text())
@@ -143,9 +147,16 @@ def check_options(dst_dir: Path, size: int, ben_graham: bool) -> None:
     if not isinstance(made, dict):
         raise UserError(f"{record} is not the JSON object prepare.py writes; delete it if all crops in "
                         f"{dst_dir} were made with {as_flags(wanted)}")
-    if made != wanted:
+    if {key: made.get(key) for key in wanted} != wanted:
         raise UserError(f"{dst_dir} holds crops made with {as_flags(made)}, not {as_flags(wanted)}; "
                         "rerun with those options or choose another DST_DIR")
+    accepted = made.get("min_quality")
+    if isinstance(accepted, (int, float)) and min_quality > accepted:
+        raise UserError(f"{dst_dir} holds crops accepted at --min-quality {accepted:.4g}; at {min_quality:.4g} "
+                        f"the ones scoring between would stay in images/ beside the photos it refuses: rerun with "
+                        f"--min-quality {accepted:.4g} or lower, or choose another DST_DIR")
+    if not isinstance(accepted, (int, float)) or min_quality < accepted:
+        write_text_atomic(record, json.dumps({**made, "min_quality": min_quality}) + "\n")
 
 
 def as_flags(options: dict) -> str:
@@ -367,7 +378,8 @@ def main(argv=None) -> int:
     crops = Crops(args.dst_dir)
     check_foreign(crops, args.size)
     crops.out_dir.mkdir(parents=True, exist_ok=True)
-    check_options(args.dst_dir, args.size, args.ben_graham)
+    check_options(args.dst_dir, args.size, args.ben_graham,
+                  fundus.quality_model()["min_quality"] if args.min_quality is None else args.min_quality)
     todo, skipped = pending(photos, crops)
     outcomes, stopped = run_all(todo, args, crops)
     report(outcomes, skipped, args.dst_dir)

@@ -3,6 +3,7 @@
 The raw photos are drawn here with known geometry (centre, radius, where the frame clips them),
 so every expected number comes from that geometry, not from the code under test.
 """
+import json
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from scipy import ndimage
 
 from data.prepare import main
-from fundus import ben_graham, crop_eye, eye_region, find_eye, is_eye_crop, prepare_photo
+from fundus import ben_graham, crop_eye, eye_region, find_eye, is_eye_crop, prepare_photo, quality_model
 from dataloader import load_fundus_data, patient_id
 
 ORANGE = np.array([230, 120, 40])
@@ -237,6 +238,30 @@ def test_cli_crops_every_photo_and_skips_them_on_a_second_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path / "raw"), str(dst), "--size", "128", "--ben-graham", "--workers", "1"])
     assert exit_info.value.code == 2 and "--size 128, not --size 128 --ben-graham" in capsys.readouterr().err
+
+
+def test_a_rerun_at_a_stricter_operating_point_stops_and_a_looser_one_adds(tmp_path, capsys):
+    # crops accepted at one --min-quality are skipped by the next run: at a higher one the photos scoring
+    # between would stay in images/ beside those it refuses, so it stops with nothing changed
+    write_photos(tmp_path / "raw")
+    dst = tmp_path / "prepared"
+    assert main([str(tmp_path / "raw"), str(dst), "--size", "128", "--workers", "1", "--min-quality", "0.3"]) == 0
+    record = json.loads((dst / "prepare_options.json").read_text())
+    assert record == {"size": 128, "ben_graham": False, "min_quality": 0.3}
+    before = {p: p.read_bytes() for p in dst.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "raw"), str(dst), "--size", "128", "--workers", "1", "--min-quality", "0.5"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "accepted at --min-quality 0.3; at 0.5" in err, err
+    assert {p: p.read_bytes() for p in dst.rglob("*") if p.is_file()} == before
+    # the model's default operating point (0.18) is lower: the run goes on and the record keeps the lower one
+    assert quality_model()["min_quality"] < 0.3
+    assert main([str(tmp_path / "raw"), str(dst), "--size", "128", "--workers", "1"]) == 0
+    assert json.loads((dst / "prepare_options.json").read_text())["min_quality"] == \
+        quality_model()["min_quality"]
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "raw"), str(dst), "--size", "128", "--workers", "1", "--min-quality", "0.3"])
 
 
 def test_cli_lists_ungradable_photos_and_reports_unreadable_ones(tmp_path, capsys):
