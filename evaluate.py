@@ -636,6 +636,7 @@ def evaluate_split_command(args, checkpoint: dict, device: torch.device, workers
               "predictions": str(outputs["predictions"]),
               "reference_predictions": str(reference_csv) if reference_csv else None, **scores,
               **dataset_fields(table, on, probs), **deployment_fields(checkpoint, args.checkpoint, device)}
+    outputs["out"].parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(outputs["out"], json.dumps(result, indent=2))
     import plot  # matplotlib only when a figure is drawn
 
@@ -653,6 +654,7 @@ def evaluate_split_command(args, checkpoint: dict, device: torch.device, workers
     print(f"wrote {outputs['out']}, {outputs['predictions']}" + (f", {reference_csv}" if reference_csv else "")
           + f" and {outputs['figure']}")
     if args.cam_per_grade:
+        outputs["cams"].parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(outputs["cams"], run_name=run_name, weights_digest=result["weights_digest"],
                             **cam_samples(checkpoint, table, args.cam_per_grade, device))
         print(f"wrote {outputs['cams']} (Grad-CAMs of up to {args.cam_per_grade} images per grade; plot.py draws "
@@ -682,9 +684,7 @@ def split_outputs(args, checkpoint: dict, reported: str, reference, base: str, c
             raise UserError(f"{flags.get(key, 'output')} {path} is where this evaluation's {seen[path.resolve()]} "
                             "goes too; give another path")
         seen[path.resolve()] = kinds[key].split(" of ")[0].removeprefix("a ")
-    for path in outputs.values():
-        path.parent.mkdir(parents=True, exist_ok=True)
-    return outputs
+    return outputs  # their folders are made as each is written: a run refused later leaves none behind
 
 
 def clinical_report(result: dict) -> str:

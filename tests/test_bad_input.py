@@ -1,6 +1,7 @@
 """Bad input, one table: every case exits 2 with one line that names the flag, file or row, prints no
 traceback, and leaves every checkpoint and log already there byte for byte as it was."""
 import json
+import os
 
 import pytest
 import torch
@@ -165,8 +166,10 @@ def test_the_corpus_is_large_and_covers_every_script():
 
 
 def snapshot(ws):
-    """Every file of the workspace: checkpoints, logs, photos and tables alike."""
-    return {p: p.read_bytes() for p in sorted(ws.rglob("*")) if p.is_file()}
+    """Every file and folder of the workspace (checkpoints, logs, photos and tables alike), and what lies in
+    the working directory, where the default output folders (figures/, logs/) would appear."""
+    return ({p: p.read_bytes() if p.is_file() else None for p in sorted(ws.rglob("*"))},
+            sorted(os.listdir(os.getcwd())))
 
 
 @pytest.mark.parametrize("script,arguments,expected", CASES, ids=[f"{s.__module__}:{a}" for s, a, _ in CASES])
