@@ -602,15 +602,19 @@ def verdict(measures: dict, min_quality: float | None = None, model: dict | None
     return False, reason + tail, quality
 
 
+def judged_field(img: Image.Image) -> Field:
+    """The field assess() judges a photo by: its camera field, or the whole frame where it shows none."""
+    try:
+        return find_field(img)
+    except NoField:
+        return frame_field(img.size)
+
+
 def assess(img: Image.Image, field: Field | None = None, min_quality: float | None = None) -> Quality:
     """Whether a photo is a gradable fundus photograph at the operating point min_quality, its score, and if
     not why: too dark, overexposed, not a fundus photo, low contrast, out of focus. A photo with no camera
     field (a frame-filling fundus, or no fundus at all) is judged as a whole (frame_field)."""
-    if field is None:
-        try:
-            field = find_field(img)
-        except NoField:
-            field = frame_field(img.size)
+    field = judged_field(img) if field is None else field
     measures = quality_measures(img, field)
     gradable, reason, quality = verdict(measures, min_quality)
     return Quality(gradable, reason, field, measures, quality)
