@@ -184,6 +184,11 @@ def figures(table: pd.DataFrame, result: pd.DataFrame) -> dict:
     outliers = sub("drimdb", "outlier")
     if len(outliers):
         out["outliers called not a fundus photo"] = int((outliers["reason"] == fundus.NOT_FUNDUS).sum())
+    # the fixed limit's room (fundus.MAX_DOTS): what the fundus photos come to, and what the outliers refused by it
+    out["most specular glints on a fundus photo"] = int(fundi["specular_dots"].max())
+    if len(outliers):
+        out[f"outliers with more than {fundus.MAX_DOTS} specular glints"] = \
+            int((outliers["specular_dots"] > fundus.MAX_DOTS).sum())
     for s, positive, negative in (("drimdb", ["good"], ["bad", "outlier"]), ("eyepacs", ["good"], ["reject"])):
         rows = t[(t["set"] == s) & t["label"].isin(positive + negative)]
         if rows["label"].isin(positive).any() and rows["label"].isin(negative).any():

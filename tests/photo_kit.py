@@ -118,6 +118,30 @@ def outer_eye(w=600, h=400, cx=300.0, cy=200.0, r=185.0, seed=0) -> Image.Image:
     return jpeg_copy(Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)), 85)
 
 
+def skin_close_up(w=600, h=400, cx=300.0, cy=200.0, r=185.0, glints=60, seed=0) -> Image.Image:
+    """DrimDB's other outliers: skin (a temple, a lid) photographed close up through a fundus camera's field,
+    one pale pink material with a fine texture, strewn with `glints` specular highlights of the flash on its
+    moisture (white dots 2-4 px across, at most one per 30 x 30 px cell, so none merge); softened by the optics,
+    with sensor noise and JPEG."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w] + 0.5
+    shade = 1 - 0.35 * (np.hypot(xx - cx, yy - cy) / r) ** 2
+    texture = np.asarray(Image.fromarray(rng.normal(128, 40, (h, w)).clip(0, 255).astype(np.uint8))
+                         .filter(ImageFilter.GaussianBlur(2)), np.float32) / 128 - 1
+    img = Image.fromarray((np.array([225, 175, 160]) * (shade * (1 + 0.08 * texture))[..., None])
+                          .clip(0, 255).astype(np.uint8))
+    pen = ImageDraw.Draw(img)
+    cells = [(x, y) for x in range(int(cx - r), int(cx + r), 30) for y in range(int(cy - r), int(cy + r), 30)
+             if math.hypot(x + 15 - cx, y + 15 - cy) < 0.8 * r]
+    for i in rng.choice(len(cells), size=glints, replace=False):
+        x, y = cells[i][0] + rng.uniform(8, 22), cells[i][1] + rng.uniform(8, 22)
+        s = rng.uniform(1.0, 2.0)
+        pen.ellipse([x - s, y - s, x + s, y + s], fill=(255, 255, 250))
+    pixels = np.asarray(img.filter(ImageFilter.GaussianBlur(0.6)), np.float32) + rng.normal(0, 3, (h, w, 3))
+    pixels[~field_mask(w, h, cx, cy, r)] = 0
+    return jpeg_copy(Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)), 85)
+
+
 def png16(path, values: np.ndarray, significant_bits: int | None = None) -> None:
     """A 16-bit PNG (greyscale H x W or RGB H x W x 3, uint16), with an sBIT chunk when significant_bits is
     given: written by hand, as Pillow writes no 16-bit RGB PNG and no sBIT."""

@@ -10,7 +10,7 @@ from sklearn.datasets import load_sample_images
 
 import fundus
 import synthetic
-from photo_kit import exudates, field_mask, fundus_photo, haemorrhage, jpeg_copy, outer_eye, png16
+from photo_kit import exudates, field_mask, fundus_photo, haemorrhage, jpeg_copy, outer_eye, png16, skin_close_up
 
 W43, H43 = 337, 253  # a 4:3 camera photo as small as the public DeepDRiD / DrimDB examples
 # name -> (photo arguments, the drawn circle (cx, cy, r))
@@ -279,6 +279,45 @@ def test_an_open_eye_through_the_camera_is_not_a_fundus_photo_but_lesions_are_a_
     assert not quality["outer eye"].gradable and quality["outer eye"].reason.startswith(fundus.NOT_FUNDUS), \
         quality["outer eye"].reason
     assert edges["outer eye"] > 3 * max(edges[name] for name in ("eye", "bleeding", "exudates")), edges
+
+
+def test_skin_under_the_flash_is_not_a_fundus_photo_for_its_glints():
+    # DrimDB's skin close-ups passed the colour edges and the colour part (one material, one colour): the
+    # flash's glints on moist skin are what a retina never shows. Every drawn glint is counted, and the same
+    # skin without them is not called "not a fundus photo" for any glint
+    for glints in (20, 60):
+        quality = fundus.assess(skin_close_up(glints=glints, seed=glints))
+        assert quality.measures["specular_dots"] == glints
+        assert not quality.gradable and quality.reason.startswith(f"{fundus.NOT_FUNDUS}: it shows {glints} specular")
+    bare = fundus.assess(skin_close_up(glints=0))
+    assert bare.measures["specular_dots"] == 0 and "specular" not in bare.reason
+
+
+def dots_and_lines(kind: str, colour=(255, 250, 245), width: int = 2, blur: float = 0.7, seed: int = 0):
+    """A QUALITY_SIDE square of orange with 36 white spots (3 px) or 36 line segments (12 px, at random angles,
+    as a vessel's light reflex is), one per 30 px cell, as specular_dots reads it."""
+    rng, side = np.random.default_rng(seed), fundus.QUALITY_SIDE
+    img = Image.new("RGB", (side, side), (200, 110, 60))
+    pen = ImageDraw.Draw(img)
+    for x in range(40, 220, 30):
+        for y in range(40, 220, 30):
+            if kind == "dots":
+                pen.ellipse([x - 1, y - 1, x + 1, y + 1], fill=colour)
+            else:
+                a = rng.uniform(0, np.pi)
+                pen.line([(x - 6 * np.cos(a), y - 6 * np.sin(a)), (x + 6 * np.cos(a), y + 6 * np.sin(a))],
+                         fill=colour, width=width)
+    return np.asarray(img.filter(ImageFilter.GaussianBlur(blur))), np.ones((side, side), bool)
+
+
+def test_specular_dots_counts_white_dots_not_lines_nor_yellow_dots():
+    # the oracle is the drawing: 36 white dots are 36 glints; 36 white lines (a vessel's reflex) and 36
+    # yellow dots (exudates) are none, or nearly: a line 2-3 px wide drawn on pixels is not a dot at any angle
+    assert fundus.specular_dots(*dots_and_lines("dots")) == 36
+    assert fundus.specular_dots(*dots_and_lines("dots", colour=(250, 225, 120))) == 0
+    for width in (2, 3):
+        for seed in range(3):
+            assert fundus.specular_dots(*dots_and_lines("lines", width=width, seed=seed)) <= 3, (width, seed)
 
 
 def test_a_photo_that_may_be_a_fundus_is_judged_on_its_quality_alone():
