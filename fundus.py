@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -584,6 +585,14 @@ MAX_Z = 3.0  # standard deviations (see model_inputs)
 def quality_model(path: Path = QUALITY_MODEL) -> dict:
     """The fitted coefficients (benchmarks/quality_check.py writes them; provenance inside)."""
     return json.loads(Path(path).read_text())
+
+
+def check_version(model: dict | None = None) -> str:
+    """Which gradability check judges: the first 12 hex digits of the SHA-256 of its fitted model (default
+    QUALITY_MODEL), provenance included. A change of the measures is refitted, and its held-out figures in the
+    provenance change with it; data/prepare.py records this beside the operating point."""
+    model = quality_model() if model is None else model
+    return hashlib.sha256(json.dumps(model, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def model_inputs(part: dict, measures: dict) -> np.ndarray:

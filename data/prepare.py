@@ -129,16 +129,17 @@ def list_photos(src_dir: Path) -> list[Path]:
     return photos
 
 
-def check_options(dst_dir: Path, size: int, ben_graham: bool, min_quality: float) -> None:
+def check_options(dst_dir: Path, size: int, ben_graham: bool, min_quality: float, check: str) -> None:
     """All crops in DST_DIR are made alike: a rerun with another --size or --ben-graham would skip the existing
     crops and silently mix two kinds of image, so it stops instead. The record also keeps the lowest operating
     point (--min-quality, or the model's) any crop there was accepted at: a rerun at a lower one adds the
     photos it now accepts, but a higher one would leave the crops scoring between the two in images/ beside
-    the photos it refuses, so it stops too. (A record written before this was kept has no operating point:
-    it is taken as this run's.)"""
+    the photos it refuses, so it stops too; and the gradability check that judged them (check:
+    fundus.check_version): another one would leave the crops it refuses beside the photos it refuses, so it
+    stops as well. (A record written before these were kept has neither: they are taken as this run's.)"""
     wanted, record = {"size": size, "ben_graham": ben_graham}, dst_dir / OPTIONS_FILE
     if not record.is_file():
-        write_text_atomic(record, json.dumps({**wanted, "min_quality": min_quality}) + "\n")
+        write_text_atomic(record, json.dumps({**wanted, "min_quality": min_quality, "quality_check": check}) + "\n")
         return
     try:
         made = json.loads(record.read_text())
@@ -150,13 +151,20 @@ def check_options(dst_dir: Path, size: int, ben_graham: bool, min_quality: float
     if {key: made.get(key) for key in wanted} != wanted:
         raise UserError(f"{dst_dir} holds crops made with {as_flags(made)}, not {as_flags(wanted)}; "
                         "rerun with those options or choose another DST_DIR")
+    judged = made.get("quality_check")
+    if judged is not None and judged != check:
+        raise UserError(f"{dst_dir} holds crops judged by another version of the gradability check "
+                        f"(quality_model.json {judged}, now {check}): the crops this one refuses would stay in "
+                        f"images/ beside the photos it refuses; prepare into another DST_DIR, or delete "
+                        f"{dst_dir} to prepare it afresh")
     accepted = made.get("min_quality")
     if isinstance(accepted, (int, float)) and min_quality > accepted:
         raise UserError(f"{dst_dir} holds crops accepted at --min-quality {accepted:.4g}; at {min_quality:.4g} "
                         f"the ones scoring between would stay in images/ beside the photos it refuses: rerun with "
                         f"--min-quality {accepted:.4g} or lower, or choose another DST_DIR")
-    if not isinstance(accepted, (int, float)) or min_quality < accepted:
-        write_text_atomic(record, json.dumps({**made, "min_quality": min_quality}) + "\n")
+    lowest = min_quality if not isinstance(accepted, (int, float)) else min(accepted, min_quality)
+    if made.get("min_quality") != lowest or judged is None:
+        write_text_atomic(record, json.dumps({**made, "min_quality": lowest, "quality_check": check}) + "\n")
 
 
 def as_flags(options: dict) -> str:
@@ -379,7 +387,8 @@ def main(argv=None) -> int:
     check_foreign(crops, args.size)
     crops.out_dir.mkdir(parents=True, exist_ok=True)
     check_options(args.dst_dir, args.size, args.ben_graham,
-                  fundus.quality_model()["min_quality"] if args.min_quality is None else args.min_quality)
+                  fundus.quality_model()["min_quality"] if args.min_quality is None else args.min_quality,
+                  fundus.check_version())
     todo, skipped = pending(photos, crops)
     outcomes, stopped = run_all(todo, args, crops)
     report(outcomes, skipped, args.dst_dir)

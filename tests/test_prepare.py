@@ -14,8 +14,10 @@ import pytest
 from PIL import Image, ImageDraw, ImageFilter
 from scipy import ndimage
 
+import fundus
 from data.prepare import main
-from fundus import ben_graham, crop_eye, eye_region, find_eye, is_eye_crop, prepare_photo, quality_model
+from fundus import (ben_graham, check_version, crop_eye, eye_region, find_eye, is_eye_crop, prepare_photo,
+                    quality_model)
 from dataloader import load_fundus_data, patient_id
 
 ORANGE = np.array([230, 120, 40])
@@ -247,7 +249,7 @@ def test_a_rerun_at_a_stricter_operating_point_stops_and_a_looser_one_adds(tmp_p
     dst = tmp_path / "prepared"
     assert main([str(tmp_path / "raw"), str(dst), "--size", "128", "--workers", "1", "--min-quality", "0.3"]) == 0
     record = json.loads((dst / "prepare_options.json").read_text())
-    assert record == {"size": 128, "ben_graham": False, "min_quality": 0.3}
+    assert record == {"size": 128, "ben_graham": False, "min_quality": 0.3, "quality_check": check_version()}
     before = {p: p.read_bytes() for p in dst.rglob("*") if p.is_file()}
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
@@ -262,6 +264,38 @@ def test_a_rerun_at_a_stricter_operating_point_stops_and_a_looser_one_adds(tmp_p
         quality_model()["min_quality"]
     with pytest.raises(SystemExit):
         main([str(tmp_path / "raw"), str(dst), "--size", "128", "--workers", "1", "--min-quality", "0.3"])
+
+
+def test_a_rerun_with_another_gradability_check_stops(tmp_path, capsys, monkeypatch):
+    # a refitted quality_model.json (or measures changed and refitted) judges photos otherwise: the crops the
+    # earlier check accepted and this one refuses would stay beside the photos it refuses, so a rerun into
+    # the same DST_DIR stops with nothing changed; a record from before the check was kept is adopted
+    write_photos(tmp_path / "raw")
+    dst = tmp_path / "prepared"
+    args = [str(tmp_path / "raw"), str(dst), "--size", "128", "--workers", "1"]
+    assert main(args) == 0
+    record = dst / "prepare_options.json"
+    assert json.loads(record.read_text())["quality_check"] == check_version()
+    refitted = json.loads(json.dumps(quality_model()))
+    refitted["gradable"]["intercept"] += 0.5
+    judged, now = check_version(), check_version(refitted)
+    assert judged != now
+    before = {p: p.read_bytes() for p in dst.rglob("*") if p.is_file()}
+    with monkeypatch.context() as patch:
+        patch.setattr(fundus, "quality_model", lambda *a: refitted)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and f"quality_model.json {judged}, now {now}" in err, err
+        assert {p: p.read_bytes() for p in dst.rglob("*") if p.is_file()} == before
+        # an older record, without the check: taken as this run's, and kept from now on
+        old = {k: v for k, v in json.loads(record.read_text()).items() if k != "quality_check"}
+        record.write_text(json.dumps(old) + "\n")
+        assert main(args) == 0
+        assert json.loads(record.read_text())["quality_check"] == now
+    with pytest.raises(SystemExit):
+        main(args)
 
 
 def test_cli_lists_ungradable_photos_and_reports_unreadable_ones(tmp_path, capsys):
