@@ -110,20 +110,20 @@ def headline(grades: np.ndarray, probs: np.ndarray) -> dict:
 # --------------------------------------------------------------------------- what the file says of itself
 def evaluation_choices(checkpoint: dict, path: Path) -> dict:
     """The operating points and kappa cut points evaluate.py chose for this checkpoint (logs/<run>_eval.json,
-    when it evaluated this very file at this epoch without TTA), with the split they were chosen on; else a
-    sentence saying there are none and why."""
+    when it evaluated these very weights without TTA: the weights' digest, as plot.py ties evaluations to
+    checkpoints, not the file's path and epoch, which a run made again under the same name repeats), with the
+    split they were chosen on; else a sentence saying there are none and why."""
     run_name = checkpoint["config"].get("run_name") or path.parent.name
     log = Path(checkpoint["config"].get("log_dir", "logs")) / f"{run_name}_eval.json"
     none = {"operating_points": "none", "kappa_thresholds": "none"}
     if not log.is_file():
         return {**none, "evaluation": f"none: {log} does not exist (run evaluate.py {path} first to carry them)"}
     result = json.loads(log.read_text())
-    same = (Path(str(result.get("checkpoint"))).resolve() == path.resolve()
-            and result.get("epoch") == checkpoint["epoch"] and not result.get("tta"))
+    same = result.get("weights_digest") == weights_digest(checkpoint["model"]) and not result.get("tta")
     if not same:
         return {**none, "evaluation": f"none: {log} evaluated {result.get('checkpoint')} (epoch "
-                                      f"{result.get('epoch')}), not this checkpoint (run evaluate.py {path} first "
-                                      "to carry them)"}
+                                      f"{result.get('epoch')}{', with TTA' if result.get('tta') else ''}), not "
+                                      f"this checkpoint's weights (run evaluate.py {path} first to carry them)"}
     points = {name: {"grade_at_least": result[name]["grade_at_least"], "chosen_on": result[name]["chosen_on"],
                      **{point: values["threshold"]
                         for point, values in (result[name]["operating_points"] or {}).items()},

@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -104,11 +105,21 @@ def test_metadata_says_how_to_grade_without_the_repo(run):
 
 
 def test_without_an_evaluation_of_this_checkpoint_the_metadata_says_none(run, tmp_path):
+    # the evaluation is tied to the weights: other weights at the same path and epoch (a run made again under
+    # its name, beside the first run's logs) get none of its choices, the same weights at another path do
     out, root, ckpt = run
-    last = ckpt.with_name("last.pt")  # the logs hold best.pt's evaluation only
-    choices = export.evaluation_choices(torch.load(last, weights_only=True), last)
+    checkpoint = torch.load(ckpt, weights_only=True)
+    assert export.evaluation_choices(checkpoint, ckpt)["operating_points"] != "none"
+    moved = tmp_path / "copy_of_best.pt"
+    shutil.copy(ckpt, moved)
+    assert export.evaluation_choices(torch.load(moved, weights_only=True), moved) == \
+        export.evaluation_choices(checkpoint, ckpt)
+    retrained = torch.load(ckpt, weights_only=True)
+    first = next(iter(retrained["model"]))
+    retrained["model"][first] = retrained["model"][first] + 1e-3
+    choices = export.evaluation_choices(retrained, ckpt)
     assert choices["operating_points"] == "none" and choices["kappa_thresholds"] == "none"
-    assert "not this checkpoint" in choices["evaluation"] and "evaluate.py" in choices["evaluation"]
+    assert "not this checkpoint's weights" in choices["evaluation"] and "evaluate.py" in choices["evaluation"]
     checkpoint = torch.load(ckpt, weights_only=True)
     checkpoint["config"]["log_dir"] = str(tmp_path)  # no evaluation at all
     assert "does not exist" in export.evaluation_choices(checkpoint, ckpt)["evaluation"]
