@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 from PIL import Image, ImageChops, ImageFilter
 from scipy import ndimage
@@ -90,17 +91,29 @@ def full_scale(img: Image.Image, values: np.ndarray) -> float:
     return 2.0 ** (12 if peak < TWELVE_BITS else 16) - 1
 
 
+def colour_png16(img: Image.Image) -> Image.Image:
+    """A 16-bit RGB or RGBA PNG as 8-bit RGB, scaled by its bit depth (full_scale) and composited onto black.
+    Pillow has no 16-bit colour mode and keeps each value's high byte: a 12-bit photo came back in 16 grey
+    levels, or 16 times too dark without an sBIT chunk to say so. imagecodecs (libpng) decodes the values."""
+    try:
+        values = imagecodecs.png_decode(Path(img.filename).read_bytes()).astype(np.float32)
+    except imagecodecs.PngError as err:  # as Pillow's decoding errors are: the photo is unreadable
+        raise OSError(f"libpng: {err}") from err
+    colour, alpha = values[..., :3], values[..., 3:]
+    colour = colour * (255 / full_scale(img, colour))
+    if alpha.size:
+        colour = colour * (alpha / 65535)
+    return Image.fromarray(np.clip(np.rint(colour), 0, 255).astype(np.uint8))
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """RGB for any mode: high-depth images scaled by their bit depth (full_scale); transparency composited
     onto black (a transparent PNG background may hold any colour, often white, that would pass as eye)."""
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         values = np.asarray(img, np.float32)
         img = Image.fromarray(np.clip(np.rint(values * (255 / full_scale(img, values))), 0, 255).astype(np.uint8))
-    elif img.mode == "RGB" and img.format == "PNG":
-        depth, significant = png_bits(img)
-        if depth == 16 and significant and significant < 16:  # Pillow kept the high byte of each value
-            scale = 2 ** (16 - significant)
-            img = Image.fromarray(np.clip(np.asarray(img, np.uint16) * scale, 0, 255).astype(np.uint8))
+    elif img.mode in ("RGB", "RGBA") and img.format == "PNG" and png_bits(img)[0] == 16:
+        img = colour_png16(img)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))

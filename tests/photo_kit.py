@@ -143,20 +143,21 @@ def skin_close_up(w=600, h=400, cx=300.0, cy=200.0, r=185.0, glints=60, seed=0) 
 
 
 def png16(path, values: np.ndarray, significant_bits: int | None = None) -> None:
-    """A 16-bit PNG (greyscale H x W or RGB H x W x 3, uint16), with an sBIT chunk when significant_bits is
-    given: written by hand, as Pillow writes no 16-bit RGB PNG and no sBIT."""
+    """A 16-bit PNG (greyscale H x W, RGB H x W x 3 or RGBA H x W x 4, uint16), with an sBIT chunk when
+    significant_bits is given: written by hand, as Pillow writes no 16-bit colour PNG and no sBIT."""
     import struct
     import zlib
 
     h, w = values.shape[:2]
-    colour_type = 2 if values.ndim == 3 else 0
+    channels = values.shape[2] if values.ndim == 3 else 1
+    colour_type = {1: 0, 3: 2, 4: 6}[channels]
     rows = values.astype(">u2").reshape(h, -1)
     raw = b"".join(b"\x00" + row.tobytes() for row in rows)
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
-    sbit = b"" if significant_bits is None else chunk(b"sBIT", bytes([significant_bits] * (3 if colour_type else 1)))
+    sbit = b"" if significant_bits is None else chunk(b"sBIT", bytes([significant_bits] * channels))
     with open(path, "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0))
                 + sbit + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))

@@ -253,15 +253,26 @@ def test_a_dim_16_bit_photo_stays_dim_and_is_judged_like_its_8_bit_twin(tmp_path
     png16(tmp_path / "rgb16.png", eight.astype(np.uint16) * 257)  # 16 bits, no sBIT
     png16(tmp_path / "grey16.png", eight[..., 0].astype(np.uint16) * 257)
     png16(tmp_path / "rgb12.png", eight.astype(np.uint16) * 16, significant_bits=12)  # 12 bits in 16
-    png16(tmp_path / "grey12.png", eight[..., 0].astype(np.uint16) * 16)  # no sBIT, every value under 4,096
-    # scaled by its bits, not by its peak; Pillow keeps the high byte of a 16-bit RGB PNG, so 12 significant
-    # bits come back in steps of 16 grey levels (the mean 7.5 low), where today's decoding made them 16x darker
-    for name, within in (("rgb16.png", 1.0), ("grey16.png", 1.0), ("rgb12.png", 8.0), ("grey12.png", 1.0)):
+    png16(tmp_path / "rgb12_bare.png", eight.astype(np.uint16) * 16)  # no sBIT, every value under 4,096
+    png16(tmp_path / "grey12.png", eight[..., 0].astype(np.uint16) * 16)  # the same, greyscale
+    # a transparent border (alpha 0) over white: composited onto black, as an 8-bit RGBA PNG is
+    rgba = np.dstack([eight.astype(np.uint16) * 257, np.full(eight.shape[:2], 65535, np.uint16)])
+    rgba[:, :20] = (65535, 65535, 65535, 0)
+    png16(tmp_path / "rgba16.png", rgba)
+    expected_rgba = eight.copy()
+    expected_rgba[:, :20] = 0
+    # scaled by its bits, not by its peak, and every value kept: Pillow keeps the high byte of a 16-bit colour
+    # PNG, so 12 significant bits came back in 16 grey levels, and without an sBIT chunk 16 times too dark
+    for name, expected in (("rgb16.png", eight), ("grey16.png", eight[..., 0]), ("rgb12.png", eight),
+                           ("rgb12_bare.png", eight), ("grey12.png", eight[..., 0]), ("rgba16.png", expected_rgba)):
         decoded = np.asarray(fundus.decode(tmp_path / name), np.float32)
-        expected = eight[..., 0] if name.startswith("grey") else eight
-        assert abs(decoded.mean() - expected.mean()) < within, name
-    twin, sixteen = fundus.assess(Image.fromarray(eight)), fundus.assess(fundus.decode(tmp_path / "rgb16.png"))
-    assert sixteen.gradable == twin.gradable and abs(sixteen.score - twin.score) < 0.02
+        if expected.ndim == 2:
+            decoded = decoded[..., 0]
+        assert np.abs(decoded - expected).max() <= 1, name
+    twin = fundus.assess(Image.fromarray(eight))
+    for name in ("rgb16.png", "rgb12.png", "rgb12_bare.png"):
+        sixteen = fundus.assess(fundus.decode(tmp_path / name))
+        assert sixteen.gradable == twin.gradable and abs(sixteen.score - twin.score) < 0.02, name
 
 
 def test_an_open_eye_through_the_camera_is_not_a_fundus_photo_but_lesions_are_a_fundus():
