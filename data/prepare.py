@@ -16,6 +16,7 @@ prepare.py did not write is never taken for a crop (a raw photo in images/ once 
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import json
 import os
@@ -187,18 +188,23 @@ def raise_interrupted(signum, frame):
     raise Interrupted(signum)
 
 
+# A write that fails for want of room stops the run as a signal does (the summary, the finished crops kept):
+# every photo after it would fail alike, and the crops are all there is to show for the hours before it.
+FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
 def run_all(todo: list[tuple[Path, Path]], args: argparse.Namespace,
-            crops: Crops) -> tuple[dict[str, dict[Path, tuple]], int]:
+            crops: Crops) -> tuple[dict[str, dict[Path, tuple]], int, OSError | None]:
     """Crop every pair on args.workers processes: {WRITTEN, KEPT, UNGRADABLE, FAILED: {photo: (reason,
-    quality score)}}, and
-    the signal that stopped the work early (0: none); what was finished by then is recorded and kept."""
+    quality score)}}, the signal that stopped the work early (0: none) and the write that found the disk
+    full (see FULL; None: none); what was finished by then is recorded and kept."""
     work = functools.partial(prepare_pair, size=args.size, ben_graham=args.ben_graham, quality=args.quality,
                              keep_ungradable=args.keep_ungradable, min_quality=args.min_quality)
     bar = tqdm(total=len(todo), unit="img", disable=not sys.stderr.isatty())
     outcomes = {WRITTEN: {}, KEPT: {}, UNGRADABLE: {}, FAILED: {}}
     output = dict(todo)
     previous = signal.signal(signal.SIGTERM, raise_interrupted)
-    stopped = 0
+    stopped, full = 0, None
     try:
         # chunks of 4: a photo takes 50-150 ms, so handing them out costs nothing, and the last
         # chunks finish together instead of one worker holding a long tail
@@ -211,12 +217,16 @@ def run_all(todo: list[tuple[Path, Path]], args: argparse.Namespace,
         stopped = signal.SIGINT
     except Interrupted:
         stopped = signal.SIGTERM
+    except OSError as err:
+        if err.errno not in FULL:
+            raise
+        full = err
     finally:
         signal.signal(signal.SIGTERM, previous)
         bar.close()
         crops.close()
         remove_leftovers(crops.out_dir)  # crops the workers finished while the pool stopped, never recorded
-    return outcomes, stopped
+    return outcomes, stopped, full
 
 
 def report(outcomes: dict[str, dict[Path, tuple]], skipped: int, dst_dir: Path) -> None:
@@ -390,10 +400,20 @@ def main(argv=None) -> int:
                   fundus.quality_model()["min_quality"] if args.min_quality is None else args.min_quality,
                   fundus.check_version())
     todo, skipped = pending(photos, crops)
-    outcomes, stopped = run_all(todo, args, crops)
+    outcomes, stopped, full = run_all(todo, args, crops)
+    done = sum(len(o) for o in outcomes.values())
+    if full is not None:
+        try:
+            report(outcomes, skipped, args.dst_dir)
+        except OSError as err:  # the lists need room too; the summary line came first
+            if err.errno not in FULL:
+                raise
+        where = Path(full.filename).parent if full.filename else args.dst_dir
+        print(f"prepare: stopped after {done} of {len(todo)} photos: {full.strerror} in {where}; the finished "
+              "crops are kept: make room and run the same command again to continue", file=sys.stderr)
+        return 1
     report(outcomes, skipped, args.dst_dir)
     if stopped:
-        done = sum(len(o) for o in outcomes.values())
         print(f"prepare: stopped by {signal.Signals(stopped).name} after {done} of {len(todo)} photos; the "
               f"finished crops are kept: run the same command again to continue", file=sys.stderr)
         return 128 + stopped

@@ -298,6 +298,41 @@ def test_a_rerun_with_another_gradability_check_stops(tmp_path, capsys, monkeypa
         main(args)
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_full_disk_stops_with_the_summary_and_keeps_the_finished_crops(tmp_path, capsys, monkeypatch, workers):
+    # the disk fills while the fourth photo's crop is written: every later photo would fail alike, so the run
+    # stops as a signal stops it, with the summary and one sentence (exit 1, no traceback); the crops written
+    # before are recorded and whole, no temporary file is left, and the same command then finishes the rest
+    import errno
+    write_photos(tmp_path / "raw")
+    dst = tmp_path / "prepared"
+    args = [str(tmp_path / "raw"), str(dst), "--size", "128", "--workers", workers]
+    real = fundus.prepare_photo
+
+    def fills_up(src, out, *rest, **options):
+        if src.stem == "d_rgba":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out))
+        return real(src, out, *rest, **options)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fundus, "prepare_photo", fills_up)
+        assert main(args) == 1
+    out, err = capsys.readouterr()
+    assert out.startswith("prepare: ") and " written, 0 skipped" in out, out
+    assert "No space left on device in " in err and "run the same command again" in err, err
+    assert "Traceback" not in err
+    recorded = set((dst / "prepared.txt").read_text().split())
+    images = {p.name for p in (dst / "images").iterdir()}
+    assert recorded == images and "d_rgba.jpeg" not in images  # nothing half-written, nothing hidden left
+    for name in images:
+        with Image.open(dst / "images" / name) as img:
+            img.load()
+            assert img.size == (128, 128)
+    assert main(args) == 0
+    assert "d_rgba.jpeg" in {p.name for p in (dst / "images").iterdir()}
+    assert f"{len(images)} skipped" in capsys.readouterr().out
+
+
 def test_cli_lists_ungradable_photos_and_reports_unreadable_ones(tmp_path, capsys):
     photos = write_photos(tmp_path / "raw")
     (tmp_path / "raw" / "x.jpeg").write_bytes(np.random.default_rng(0).bytes(5000))
