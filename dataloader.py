@@ -554,6 +554,22 @@ def image_sizes(fundus: FundusData, sample: int) -> str:
             + ", ".join(f"{size} ({n})" for size, n in ranked[:8]) + more)
 
 
+def check_no_shared_photos(fundus: FundusData) -> None:
+    """A photo listed in two splits (the same file) is refused before training: a model tested or validated on
+    photos it trained on scores too high, and the run's figures would report that as its skill. (The data
+    card counts them, and patients in two splits, without refusing: it is where one looks.)"""
+    splits = fundus.splits()
+    names = list(splits)
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            shared = np.intersect1d(splits[first].paths, splits[second].paths)
+            if len(shared):
+                raise UserError(f"{shared[0]} is listed in both the {first} split ({splits[first].source}) and "
+                                f"the {second} split ({splits[second].source}), {len(shared)} photos in all: a "
+                                "model scored on photos it trained on scores too high; list each photo in one "
+                                "split")
+
+
 def duplicates(fundus: FundusData, by_content: bool) -> list[str]:
     """Photos listed twice in a split, photos and patients in more than one split (a leak between train
     and test); with by_content, files with the same bytes under different names (reads every file)."""

@@ -627,6 +627,7 @@ def run(args, resumed: dict | None, env: Dist, device: torch.device, stop: StopR
     else:  # the run's own data, from any working folder
         fundus = dataloader.load_run_data(resumed["config"], resumed.get("data", {}), args.data_root,
                                           args.image_dir, log=log)
+    dataloader.check_no_shared_photos(fundus)
     args = with_image_size(args, fundus)
     sizes = " ".join(f"{split} {len(table)}" for split, table in fundus.splits().items())
     counts = dataloader.class_counts(fundus.train.grades).tolist()

@@ -1,6 +1,7 @@
 """Bad input, one table: every case exits 2 with one line that names the flag, file or row, prints no
 traceback, and leaves every checkpoint and log already there byte for byte as it was."""
 import json
+import shutil
 import os
 
 import pytest
@@ -46,6 +47,13 @@ def ws(tmp_path_factory):
     (ws / "labdir" / "train_img.csv").write_text("1_left\n")
     (ws / "listdir").mkdir()
     (ws / "listdir" / "ungradable.csv").write_text("image,note\n1_left,blurred\n")
+    leak = ws / "leak"  # the user's own copy of the data, one training photo listed in the test table too
+    shutil.copytree(demo, leak)
+    (leak / "SYNTHETIC_DEMO.txt").unlink(missing_ok=True)
+    for kind in ("img", "label"):
+        train_lines = (leak / f"train_{kind}.csv").read_text().splitlines()
+        test_lines = (leak / f"test_{kind}.csv").read_text().splitlines()
+        (leak / f"test_{kind}.csv").write_text("\n".join([train_lines[0], *test_lines[1:]]) + "\n")
     (ws / "bad_logs").mkdir()
     (ws / "bad_logs" / "r.json").write_text('{"arch": "resnet18", oops')
     return {"ws": ws, "ckpt": ckpt, "common": common}
@@ -89,6 +97,8 @@ CASES = [
     (T, "{T} --run-name x --data-root {ws}/notes.txt", "--data-root {ws}/notes.txt is a file, expected a folder"),
     (T, "{T} --run-name x --data-root {ws}/empty_folder", "--data-root {ws}/empty_folder holds no dataset"),
     (T, "{T} --run-name x --image-dir {ws}/nowhere", "--image-dir {ws}/nowhere does not exist"),
+    (T, "{T} --run-name x --data-root {ws}/leak", "{ws}/leak/images/1_left.jpeg is listed in both the train split "
+                                                   "({ws}/leak/train_img.csv) and the test split"),
     (T, "{T} --run-name x --weights {ws}/notes.txt", "--weights {ws}/notes.txt is a text file, not a PyTorch file"),
     (T, "{T} --run-name x --weights {ws}/nowhere.pth", "--weights {ws}/nowhere.pth does not exist"),
     (E, "{ws}/nowhere.pt", "checkpoint {ws}/nowhere.pt does not exist"),
