@@ -534,7 +534,7 @@ def specular_dots(rgb: np.ndarray, inside: np.ndarray) -> int:
         sin, cos = np.sin(angle), np.cos(angle)
         major = max(abs(sin), abs(cos))
         dy, dx = np.round(steps * sin / major).astype(int), np.round(steps * cos / major).astype(int)
-        along = low[np.clip(ys[:, None] + dy, 0, low.shape[0] - 1), np.clip(xs[:, None] + dx, 0, low.shape[1] - 1)]
+        along = low[clip(ys[:, None] + dy, low.shape[0]), clip(xs[:, None] + dx, low.shape[1])]
         # each line of DOT_LINE px through the pixel: its DOT_MISS + 1-th darkest; the opening is the largest
         windows = np.lib.stride_tricks.sliding_window_view(along, DOT_LINE, axis=1)
         opened = np.maximum(opened, np.partition(windows, DOT_MISS, axis=2)[..., DOT_MISS].max(axis=1))
