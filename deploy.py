@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import dataloader
+import objectives
 from runtime import UserError
 
 # Pinned so that a file's graph does not depend on the torch release that wrote it; 18 is what torch's
@@ -42,22 +43,28 @@ def is_onnx_file(path) -> bool:
 
 
 # --------------------------------------------------------------------------- the graph
-class GradeProbabilities(nn.Module):
-    """What a camera gives in, what a clinic reads out: uint8 RGB [N, 3, S, S] -> softmax [N, 5]. The
+class GradeSummaries(nn.Module):
+    """What a camera gives in, what a clinic reads out: uint8 RGB [N, 3, S, S] -> the objective's summaries
+    (objectives.Objective.summarise: grade probabilities [N, 5], or a regression's grade [N, 1]). The
     normalisation is dataloader.BatchTransform's (evaluation mode), so the file needs no preprocessing code
     beyond decoding and resizing."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, objective: objectives.Objective):
         super().__init__()
-        self.model = model
+        self.model, self.objective = model, objective
         self.register_buffer("mean", torch.tensor(dataloader.IMAGENET_MEAN).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(dataloader.IMAGENET_STD).view(1, 3, 1, 1) * 255)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model((images.float() - self.mean) / self.std), dim=1)
+        return self.objective.summarise(self.model((images.float() - self.mean) / self.std))
 
 
-def export_fp32(model: nn.Module, image_size: int):
+def output_name(objective: objectives.Objective) -> str:
+    """The graph's output: `probabilities` [N, 5], or `grade` [N, 1] for a regression."""
+    return OUTPUT if objective.probabilities else "grade"
+
+
+def export_fp32(model: nn.Module, image_size: int, objective: objectives.Objective = objectives.OBJECTIVES["ce"]):
     """The model (eval mode, CPU, fp32) as an ONNX ModelProto with a dynamic batch, through torch's exporter
     (which folds BatchNorm into the convolutions)."""
     import contextlib
@@ -65,13 +72,14 @@ def export_fp32(model: nn.Module, image_size: int):
     import warnings
 
     require("export")
-    wrapped = GradeProbabilities(model).cpu().float().eval()
+    wrapped = GradeSummaries(model, objective).cpu().float().eval()
     example = torch.zeros(2, 3, image_size, image_size, dtype=torch.uint8)
     # the exporter narrates its steps on stdout and warns about its own internals; export.py prints the result
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(wrapped, (example,), dynamo=True, opset_version=OPSET, input_names=[INPUT],
-                                    output_names=[OUTPUT], dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                    output_names=[output_name(objective)],
+                                    dynamic_shapes=({0: torch.export.Dim("batch")},),
                                     verbose=False)
     proto = program.model_proto
     # the exporter's intermediate shapes disagree with onnx's own inference in places (onnxruntime's quantiser
@@ -182,5 +190,5 @@ def session(model, threads: int | None = None):
 
 
 def run(sess, images: np.ndarray) -> np.ndarray:
-    """Probabilities [N, 5] float32 of a uint8 [N, 3, S, S] batch."""
+    """The file's output (the objective's summaries, float32 [N, 5] or [N, 1]) of a uint8 [N, 3, S, S] batch."""
     return sess.run(None, {INPUT: np.ascontiguousarray(images, dtype=np.uint8)})[0]

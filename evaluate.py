@@ -18,14 +18,12 @@ import itertools
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import dataloader
 import deploy
@@ -33,7 +31,8 @@ import fundus
 import layouts
 import metrics
 import models
-from runtime import (GRADE_NAMES, NUM_GRADES, OUTPUT_KINDS, Parser, UserError, autocast, check_output,
+import objectives
+from runtime import (GRADE_NAMES, OUTPUT_KINDS, Parser, UserError, autocast, check_output,
                      check_output_file, choose_device, device_name, exit_on_user_error, input_file, is_pretrained,
                      load_checkpoint, memory_format, precision, progress, restore_model, weights_digest, worker_signals,
                      write_text_atomic)
@@ -54,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "own data <run>_all_eval.json)")
     p.add_argument("--layout", default="auto", choices=["auto", *layouts.NAMES],
                    help="with --data-root: its layout (auto: recognised from its files)")
-    p.add_argument("--tta", action="store_true", help="average the softmax over the 8 flips and quarter turns")
+    p.add_argument("--tta", action="store_true",
+                   help="average over the 8 flips and quarter turns what the objective averages (the grade "
+                        "probabilities; a regression's grade)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=None, help="loader processes (default: CPUs, at most 16)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -82,32 +83,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --------------------------------------------------------------------------- inference
 @torch.inference_mode()
-def softmax_over_views(model, x: torch.Tensor, autocast_ctx, tta: bool) -> torch.Tensor:
-    """Class probabilities of a normalised batch; with tta, averaged over its 8 flips and quarter turns."""
+def summaries_over_views(model, x: torch.Tensor, autocast_ctx, tta: bool,
+                         objective: objectives.Objective) -> torch.Tensor:
+    """The objective's summaries (objectives.Objective.summarise: grade probabilities, or a regression's grade)
+    of a normalised batch; with tta, averaged over its 8 flips and quarter turns."""
     views = dataloader.dihedral_views(x) if tta else [x]
     with autocast_ctx:
-        return torch.stack([F.softmax(model(v).float(), dim=1) for v in views]).mean(0)
+        return torch.stack([objective.summarise(model(v)) for v in views]).mean(0)
 
 
 class TorchGrader:
-    """A checkpoint's model behind the one interface every grader has: uint8 batch [N, 3, S, S] in, softmax
-    probabilities [N, 5] float32 out, on the CPU (with tta, averaged over the 8 flips and quarter turns)."""
+    """A checkpoint's model behind the one interface every grader has: uint8 batch [N, 3, S, S] in, the
+    objective's summaries [N, 5] or [N, 1] float32 out, on the CPU (with tta, averaged over the 8 flips and
+    quarter turns)."""
 
     runtime = "torch"
 
-    def __init__(self, model: torch.nn.Module, transform, autocast_ctx):
+    def __init__(self, model: torch.nn.Module, transform, autocast_ctx, objective: objectives.Objective):
         self.model, self.transform, self.autocast_ctx = model.eval(), transform, autocast_ctx
+        self.objective = objective
         self.device = next(model.parameters()).device
 
     def __call__(self, images: torch.Tensor, tta: bool = False) -> torch.Tensor:
         x = self.transform(images.to(self.device, non_blocking=True))
-        return softmax_over_views(self.model, x, self.autocast_ctx, tta).cpu()
+        return summaries_over_views(self.model, x, self.autocast_ctx, tta, self.objective).cpu()
 
 
 class OnnxGrader:
-    """An exported file (export.py) in onnxruntime on the CPU, behind the same interface as TorchGrader. The
-    normalisation is inside the file; the flips and quarter turns of tta commute with it, so they are taken
-    of the uint8 batch."""
+    """An exported file (export.py) in onnxruntime on the CPU, behind the same interface as TorchGrader: the
+    file outputs the objective's summaries. The normalisation is inside the file; the flips and quarter turns
+    of tta commute with it, so they are taken of the uint8 batch."""
 
     runtime = "onnxruntime"
 
@@ -122,19 +127,19 @@ class OnnxGrader:
 @torch.inference_mode()
 def predict_with(grader, loader, tta: bool = False, desc: str = "test",
                  show: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probabilities [N, 5] float32, grades [N]) of this process's shard, on the CPU, from any grader
+    """(summaries [N, 5] or [N, 1] float32, grades [N]) of this process's shard, on the CPU, from any grader
     (TorchGrader, OnnxGrader): one path from pixels to the numbers, whatever runs the model."""
-    log_probs, grades = [], []
+    summaries, grades = [], []
     for images, batch_grades in progress(loader, len(loader), desc, show):
-        log_probs.append(grader(images, tta).clamp_min(1e-12).log())
+        summaries.append(grader(images, tta))
         grades.append(batch_grades)
-    return torch.cat(log_probs), torch.cat(grades)
+    return torch.cat(summaries), torch.cat(grades)
 
 
-def predict(model, loader, transform, autocast_ctx, tta: bool = False, desc: str = "test",
-            show: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(model, loader, transform, autocast_ctx, objective: objectives.Objective, tta: bool = False,
+            desc: str = "test", show: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """predict_with for a PyTorch model, its eval transform and autocast context (train.py's evaluation)."""
-    return predict_with(TorchGrader(model, transform, autocast_ctx), loader, tta, desc, show)
+    return predict_with(TorchGrader(model, transform, autocast_ctx, objective), loader, tta, desc, show)
 
 
 def gather_shards(tensor: torch.Tensor) -> torch.Tensor:
@@ -151,17 +156,25 @@ def gather_shards(tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def evaluate_split(model, loader, transform, autocast_ctx, desc: str, show: bool) -> dict:
+def evaluate_split(model, loader, transform, autocast_ctx, objective: objectives.Objective, desc: str,
+                   show: bool) -> dict:
     """Loss, accuracy, quadratic kappa and referable-DR AUC over a whole split (all ranks), as train.py logs
     them each epoch; images skipped as unreadable (grade -1) are counted, not scored."""
-    log_probs, grades = predict(model, loader, transform, autocast_ctx, desc=desc, show=show)
-    log_probs, grades = gather_shards(log_probs), gather_shards(grades)
+    summaries, grades = predict(model, loader, transform, autocast_ctx, objective, desc=desc, show=show)
+    return split_numbers(gather_shards(summaries), gather_shards(grades), objective)
+
+
+def split_numbers(summaries: torch.Tensor, grades: torch.Tensor, objective: objectives.Objective) -> dict:
+    """What train.py logs of a split each epoch, from its summaries: the objective's loss, accuracy, kappa and
+    referable AUC; rows of grade -1 (unreadable, skipped) are counted, not scored."""
     keep = grades >= 0
-    log_probs, grades = log_probs[keep], grades[keep]
-    scores = metrics.grading_metrics(grades.numpy(), log_probs.argmax(1).numpy())
-    referable = metrics.screening_metrics(grades.numpy(), log_probs.exp().numpy(), metrics.SCREENING["referable"],
+    summaries, grades = summaries[keep], grades[keep]
+    numbers = objective.numbers(summaries.numpy())
+    scores = metrics.grading_metrics(grades.numpy(), numbers["grade"])
+    grade = metrics.SCREENING["referable"]
+    referable = metrics.screening_metrics(grades.numpy(), numbers["grade"], numbers["screening"][grade], grade,
                                           None, None)
-    return {"loss": F.nll_loss(log_probs, grades).item(), "acc": scores["accuracy"], "kappa": scores["kappa"],
+    return {"loss": objective.eval_loss(summaries, grades), "acc": scores["accuracy"], "kappa": scores["kappa"],
             "referable_auc": referable["auc"] if referable["auc"] is not None else float("nan"),
             "skipped": int((~keep).sum())}
 
@@ -186,7 +199,7 @@ def format_report(metrics: dict) -> str:
 # --------------------------------------------------------------------------- model and data
 def load_model(checkpoint: dict, path, device: torch.device) -> torch.nn.Module:
     """The checkpoint's architecture with its weights, in eval mode; a mismatch is one sentence."""
-    model = models.build_model(checkpoint["arch"], checkpoint.get("num_classes", NUM_GRADES))
+    model = models.build_model(checkpoint["arch"], objectives.of(checkpoint).outputs)
     restore_model(model, checkpoint, path)
     channels_last = checkpoint["config"].get("channels_last", True)
     return model.to(device, memory_format=memory_format(channels_last)).eval()
@@ -223,7 +236,7 @@ def make_grader(checkpoint: dict, source, device: torch.device):
     """The model of a checkpoint (in PyTorch, as the run used it) or of an exported file (in onnxruntime)."""
     if EXPORTED in checkpoint:
         return OnnxGrader(deploy.session(checkpoint[EXPORTED]["path"]))
-    return TorchGrader(*inference_setup(checkpoint, source, device))
+    return TorchGrader(*inference_setup(checkpoint, source, device), objectives.of(checkpoint))
 
 
 def model_label(checkpoint: dict) -> str:
@@ -316,56 +329,70 @@ def run_dataset(checkpoint: dict, table: dataloader.FundusTable, skip_bad_images
 
 def predict_table(checkpoint: dict, table: dataloader.FundusTable, device: torch.device, batch_size: int,
                   workers: int, tta: bool, show: bool = False) -> np.ndarray:
-    """Softmax probabilities [N, 5] of the table's images, in its order (NaN rows for images skipped as
-    unreadable with the run's --skip-bad-images)."""
+    """The objective's summaries [N, 5] or [N, 1] of the table's images, in its order (NaN rows for images
+    skipped as unreadable with the run's --skip-bad-images)."""
     grader = make_grader(checkpoint, table.source, device)
     dataset = run_dataset(checkpoint, table, checkpoint["config"].get("skip_bad_images", False))
     loader = dataloader.build_loader(dataset, batch_size, dataloader.ShardSampler(len(dataset)), workers, device)
-    log_probs, grades = predict_with(grader, loader, tta=tta, desc="evaluate", show=show)
-    probs = log_probs.exp().numpy().astype(np.float64)
-    probs[grades.numpy() < 0] = np.nan
-    return probs
+    summaries, grades = predict_with(grader, loader, tta=tta, desc="evaluate", show=show)
+    summaries = summaries.numpy().astype(np.float64)
+    summaries[grades.numpy() < 0] = np.nan
+    return summaries
 
 
 def evaluate_checkpoint(checkpoint: dict, table: dataloader.FundusTable, device: torch.device, batch_size: int,
                         workers: int, tta: bool, show: bool = False) -> tuple[dict, np.ndarray]:
-    """The lab's metrics over the table, and the softmax probabilities [N, 5] (NaN rows for skipped images)."""
-    probs = predict_table(checkpoint, table, device, batch_size, workers, tta, show)
-    keep = ~np.isnan(probs[:, 0])
-    return metrics.grading_metrics(table.grades[keep], probs[keep].argmax(1)), probs
+    """The lab's metrics over the table, and the summaries (NaN rows for skipped images)."""
+    summaries = predict_table(checkpoint, table, device, batch_size, workers, tta, show)
+    keep = ~np.isnan(summaries[:, 0])
+    grades = objectives.of(checkpoint).numbers(summaries[keep])["grade"]
+    return metrics.grading_metrics(table.grades[keep], grades), summaries
 
 
-PREDICTION_COLUMNS = ["image", "grade", "pred", *[f"p{g}" for g in GRADES]]
+PROBABILITY_COLUMNS = [f"p{g}" for g in GRADES]
+PREDICTION_COLUMNS = ["image", "grade", "pred", "score", *PROBABILITY_COLUMNS]
 
 
-def write_predictions(path: Path, table: dataloader.FundusTable, probs: np.ndarray):
-    """One row per evaluated image (PREDICTION_COLUMNS, `image` as the split's CSV names it), probabilities to
-    6 decimals; returns the table as read back from the file, so that every number computed from it follows
-    from the file alone."""
+def summary_columns(objective: objectives.Objective) -> list[str]:
+    """The columns of a predictions table that hold the objective's summaries: p0-p4, or a regression's score."""
+    return PROBABILITY_COLUMNS if objective.probabilities else ["score"]
+
+
+def write_predictions(path: Path, table: dataloader.FundusTable, summaries: np.ndarray,
+                      objective: objectives.Objective):
+    """One row per evaluated image (PREDICTION_COLUMNS, `image` as the split's CSV names it): the true grade,
+    the objective's grade and continuous score, and its probabilities (empty for a regression), to 6
+    decimals; returns the table as read back from the file, so that every number computed from it follows
+    from the file alone (the grade and score are recomputed from the rounded summaries)."""
     import io
 
     import pandas as pd
 
-    keep = ~np.isnan(probs[:, 0])
-    rounded = pd.DataFrame(probs[keep], columns=PREDICTION_COLUMNS[3:]).round(6)
+    keep = ~np.isnan(summaries[:, 0])
+    rounded = np.round(summaries[keep], 6)
+    numbers = objective.numbers(rounded)
     frame = pd.DataFrame({"image": np.array(table.image_names())[keep], "grade": table.grades[keep],
-                          "pred": rounded.to_numpy().argmax(1), **rounded})
+                          "pred": numbers["grade"], "score": np.round(numbers["score"], 6),
+                          **{c: rounded[:, g] if objective.probabilities else np.nan
+                             for g, c in enumerate(PROBABILITY_COLUMNS)}})
     text = frame.to_csv(index=False, float_format="%.6f")
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, text)
     return pd.read_csv(io.StringIO(text), dtype={"image": str})
 
 
-def split_scores(predictions, reference) -> dict:
+def split_scores(predictions, reference, objective: objectives.Objective) -> dict:
     """Every number of the metrics JSON, from a predictions table (and the reference split's, for operating
-    points and kappa thresholds): the lab's metrics, then screening, tuned kappa, calibration, intervals."""
-    probs = predictions[PREDICTION_COLUMNS[3:]].to_numpy()
+    points and kappa thresholds) through the objective: the lab's metrics, then screening (per image and per
+    patient), tuned kappa, calibration, intervals."""
+    columns = summary_columns(objective)
+    numbers = objective.numbers(predictions[columns].to_numpy())
     # EyePACS' names pair a patient's two eyes; any other image is its own patient
     grades, patients = predictions["grade"].to_numpy(), [layouts.patient_of(n) for n in predictions["image"]]
     chosen = None if reference is None else (reference[0]["grade"].to_numpy(),
-                                             reference[0][PREDICTION_COLUMNS[3:]].to_numpy(), reference[1])
-    return {**metrics.grading_metrics(grades, predictions["pred"].to_numpy()),
-            **metrics.clinical_metrics(grades, probs, patients, chosen)}
+                                             objective.numbers(reference[0][columns].to_numpy()), reference[1])
+    return {**metrics.grading_metrics(grades, numbers["grade"]),
+            **metrics.clinical_metrics(grades, numbers, patients, chosen)}
 
 
 # --------------------------------------------------------------------------- new photographs
@@ -444,29 +471,36 @@ def collate_photos(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[str], 
     return images, index, [item[2] for item in batch], [item[3] for item in batch], [item[4] for item in batch]
 
 
-def grad_cam(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Grad-CAM (Selvaraju et al. 2017) of the last residual stage for `target`, upsampled to the
-    input and scaled to [0, 1] per image: captum's LayerGradCam, the PyTorch project's own."""
+def grad_cam(model: torch.nn.Module, x: torch.Tensor, grade: torch.Tensor,
+             objective: objectives.Objective) -> torch.Tensor:
+    """Grad-CAM (Selvaraju et al. 2017) of the last residual stage for the objective's signal of the predicted
+    `grade` (objectives.Objective.cam_signal: the grade's logit, or the regressed or expected grade), upsampled
+    to the input and scaled to [0, 1] per image: captum's LayerGradCam, the PyTorch project's own."""
     from captum.attr import LayerAttribution, LayerGradCam
 
+    def signal(inputs):
+        return objective.cam_signal(model(inputs), grade)
+
     with torch.enable_grad():
-        cam = LayerGradCam(model, model.layer4).attribute(x.float(), target=target, relu_attributions=True)
+        cam = LayerGradCam(signal, model.layer4).attribute(x.float(), target=0, relu_attributions=True)
     cam = LayerAttribution.interpolate(cam.detach(), tuple(x.shape[-2:]), interpolate_mode="bilinear")[:, 0]
     return cam / cam.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
 
 
-PHOTO_COLUMNS = ["path", "status", "reason", "quality", "grade", "confidence", *[f"p{g}" for g in GRADES]]
+PHOTO_COLUMNS = ["path", "status", "reason", "quality", "grade", "score", "confidence", *PROBABILITY_COLUMNS]
 
 
 def predict_photos(checkpoint: dict, paths: list[Path], device: torch.device, batch_size: int, workers: int,
                    tta: bool, cam_dir: Path | None = None, force: bool = False, show: bool = False,
                    min_quality: float | None = None):
     """One row per file, in order (PHOTO_COLUMNS): the quality check's score (empty for unreadable files);
-    graded photos with their grade, confidence and probabilities; ungradable and unreadable ones with the
-    reason and empty numbers."""
+    graded photos with the objective's grade and continuous score, and where it has probabilities the
+    confidence (the grade's probability) and p0-p4; ungradable and unreadable ones with the reason and empty
+    numbers."""
     import pandas as pd
 
     grader = make_grader(checkpoint, paths[0], device)
+    objective = objectives.of(checkpoint)
     dataset = PhotoDataset(paths, checkpoint["image_size"], trained_on_ben_graham(checkpoint), force, min_quality)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          collate_fn=collate_photos, worker_init_fn=worker_signals)
@@ -479,16 +513,20 @@ def predict_photos(checkpoint: dict, paths: list[Path], device: torch.device, ba
         if not graded.any():
             continue
         images, index = images[graded], index[graded]
-        probs = grader(images, tta)
-        grades = probs.argmax(1)
+        numbers = objective.numbers(grader(images, tta).numpy())
+        grades = numbers["grade"]
+        confidence = (numbers["probs"][np.arange(len(grades)), grades] if objective.probabilities
+                      else np.full(len(grades), np.nan))
         if outputs is not None:  # a TorchGrader: check_args refuses --cam for an exported file
             x = grader.transform(images.to(device, non_blocking=True))
-            cams = grad_cam(grader.model, x, grades.to(device)).cpu()
+            cams = grad_cam(grader.model, x, torch.as_tensor(grades).to(device), objective).cpu()
             for j, i in enumerate(index.tolist()):
-                save_cam(paths[i], images[j], cams[j], int(grades[j]), float(probs[j, grades[j]]), *outputs[i])
+                save_cam(paths[i], images[j], cams[j], int(grades[j]), float(confidence[j]),
+                         float(numbers["score"][j]), *outputs[i])
         for j, i in enumerate(index.tolist()):
-            rows[i].update(grade=int(grades[j]), confidence=float(probs[j, grades[j]]),
-                           **{f"p{g}": float(probs[j, g]) for g in GRADES})
+            rows[i].update(grade=int(grades[j]), score=float(numbers["score"][j]), confidence=float(confidence[j]),
+                           **{f"p{g}": float(numbers["probs"][j, g]) if objective.probabilities else np.nan
+                              for g in GRADES})
     table = pd.DataFrame([rows[i] for i in range(len(paths))], columns=PHOTO_COLUMNS)
     return table.astype({"grade": "Int64"})
 
@@ -520,7 +558,7 @@ def free_for(output: Path, taken: set, replaceable) -> bool:
     return output.resolve() not in taken and (not output.exists() or (output.is_file() and replaceable(output)))
 
 
-def save_cam(source: Path, image: torch.Tensor, cam: torch.Tensor, grade: int, confidence: float,
+def save_cam(source: Path, image: torch.Tensor, cam: torch.Tensor, grade: int, confidence: float, score: float,
              copy: Path | None, figure: Path) -> None:
     """A copy of the photo and its figure: what the model saw, and the heatmap over it."""
     import shutil
@@ -530,7 +568,8 @@ def save_cam(source: Path, image: torch.Tensor, cam: torch.Tensor, grade: int, c
     figure.parent.mkdir(parents=True, exist_ok=True)
     if copy is not None:
         shutil.copy2(source, copy)
-    title = f"{source.name}: grade {grade} ({GRADE_NAMES[grade]}), confidence {confidence:.0%}"
+    title = f"{source.name}: grade {grade} ({GRADE_NAMES[grade]}), " + (
+        f"confidence {confidence:.0%}" if np.isfinite(confidence) else f"regressed grade {score:.2f}")
     plot.plot_cam(image.permute(1, 2, 0).numpy(), cam.numpy(), figure, title)
 
 
@@ -538,19 +577,24 @@ def cam_samples(checkpoint: dict, table: dataloader.FundusTable, per_grade: int,
     """Grad-CAMs of the first `per_grade` images of each true grade (CSV order), for the contact sheet."""
     picks = np.concatenate([np.flatnonzero(table.grades == g)[:per_grade] for g in GRADES])
     model, transform, ctx = inference_setup(checkpoint, table.source, device)
+    objective = objectives.of(checkpoint)
     dataset = run_dataset(checkpoint, table.subset(picks, table.source))
     images, grades = dataloader.collate_fundus([dataset[i] for i in range(len(dataset))])
     x = transform(images.to(device))
-    probs = softmax_over_views(model, x, ctx, tta=False).cpu()
-    preds = probs.argmax(1)
-    cams = grad_cam(model, x, preds.to(device)).cpu()
+    numbers = objective.numbers(summaries_over_views(model, x, ctx, False, objective).cpu().numpy())
+    preds = numbers["grade"]
+    cams = grad_cam(model, x, torch.as_tensor(preds).to(device), objective).cpu()
+    # the contact sheet's number under each image: the grade's probability, or a regression's grade
+    confidence = (numbers["probs"][np.arange(len(preds)), preds] if objective.probabilities else numbers["score"])
     return {"images": images.permute(0, 2, 3, 1).numpy(), "cams": cams.numpy().astype(np.float16),
-            "grades": grades.numpy(), "preds": preds.numpy(), "confidence": probs.max(1).values.numpy(),
-            "names": np.array(table.subset(picks, "").names)}
+            "grades": grades.numpy(), "preds": preds, "confidence": confidence.astype(np.float32),
+            "objective": objective.name, "names": np.array(table.subset(picks, "").names)}
 
 
 # --------------------------------------------------------------------------- the command
 def grade_photos(args, checkpoint: dict, device: torch.device, workers: int) -> None:
+    import pandas as pd
+
     paths = collect_images(args.images)
     cam_dir = Path(args.cam) if args.cam else None
     table = predict_photos(checkpoint, paths, device, args.batch_size, workers, args.tta, cam_dir, args.force,
@@ -559,8 +603,10 @@ def grade_photos(args, checkpoint: dict, device: torch.device, workers: int) -> 
         if row.status == GRADED:
             probs = " ".join(f"{getattr(row, f'p{g}'):.3f}" for g in GRADES)
             warning = f"\t(graded with --force: {row.reason})" if row.reason else ""
-            print(f"{row.path}\tgraded\tgrade {row.grade} ({GRADE_NAMES[row.grade]})\tconfidence "
-                  f"{row.confidence:.1%}\tp0-p4 {probs}\tquality {row.quality:.2f}{warning}")
+            said = (f"confidence {row.confidence:.1%}\tp0-p4 {probs}" if pd.notna(row.confidence)
+                    else f"regressed grade {row.score:.2f}")
+            print(f"{row.path}\tgraded\tgrade {row.grade} ({GRADE_NAMES[row.grade]})\t{said}\tquality "
+                  f"{row.quality:.2f}{warning}")
         else:
             print(f"{row.path}\t{row.status}\t{row.reason}")
     counts = table["status"].value_counts()
@@ -622,20 +668,22 @@ def evaluate_split_command(args, checkpoint: dict, device: torch.device, workers
     outputs = split_outputs(args, checkpoint, reported, reference, base, cams)
     predict_split = functools.partial(predict_table, checkpoint, device=device, batch_size=args.batch_size,
                                       workers=workers, tta=args.tta, show=not args.quiet)
-    probs = predict_split(table=table)
-    predictions = write_predictions(outputs["predictions"], table, probs)
+    objective = objectives.of(checkpoint)
+    summaries = predict_split(table=table)
+    predictions = write_predictions(outputs["predictions"], table, summaries, objective)
     reference_csv = outputs.get("reference")
     chosen = None if reference is None else (write_predictions(reference_csv, getattr(*reference), predict_split(
-        table=getattr(*reference))), reference[1])
-    scores = split_scores(predictions, chosen)
+        table=getattr(*reference)), objective), reference[1])
+    scores = split_scores(predictions, chosen, objective)
     result = {"run_name": run_name, "arch": checkpoint["arch"], "pretrained": is_pretrained(checkpoint["config"]),
+              "objective": objective.name,
               "checkpoint": str(args.checkpoint), "epoch": checkpoint["epoch"],
               "weights_digest": checkpoint.get("weights_digest") or weights_digest(checkpoint["model"]),
               "split": args.split,
               "data_digest": table.digest(), "num_images": len(predictions), "tta": args.tta,
               "predictions": str(outputs["predictions"]),
               "reference_predictions": str(reference_csv) if reference_csv else None, **scores,
-              **dataset_fields(table, on, probs), **deployment_fields(checkpoint, args.checkpoint, device)}
+              **dataset_fields(table, on, summaries, objective), **deployment_fields(checkpoint, args.checkpoint, device)}
     outputs["out"].parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(outputs["out"], json.dumps(result, indent=2))
     import plot  # matplotlib only when a figure is drawn
@@ -700,7 +748,7 @@ def clinical_report(result: dict) -> str:
                                                                                             "DR (grade >= 3)")):
         m = result[name]
         auc = "-" if m["auc"] is None else f"{m['auc']:.3f}"
-        lines.append(f"{title}: AUC {auc} | argmax: sensitivity {pct(m['sensitivity'])}, specificity "
+        lines.append(f"{title}: AUC {auc} | predicted grade: sensitivity {pct(m['sensitivity'])}, specificity "
                      f"{pct(m['specificity'])}, PPV {pct(m['ppv'])}, NPV {pct(m['npv'])} "
                      f"({m['positives']} positive, {m['negatives']} negative)")
         for point, values in (m["operating_points"] or {}).items():
@@ -709,12 +757,29 @@ def clinical_report(result: dict) -> str:
                          f"{pct(values['specificity'])}")
         for point, why in m.get("operating_points_unset", {}).items():
             lines.append(f"  {point.replace('_', '-')} point {why}")
+    lines.append(patient_report(result))
     if result["thresholds"] is not None:
-        lines.append(f"kappa-tuned grading (expected grade cut at {', '.join(f'{t:.2f}' for t in result['thresholds'])}"
-                     f", tuned on {result['thresholds_from']}): kappa {result['kappa_tuned']:.4f}, accuracy "
-                     f"{result['accuracy_tuned']:.2%}")
-    lines.append(f"calibration: expected calibration error {result['ece']:.4f} ({metrics.ECE_BINS} bins)")
+        lines.append(f"kappa-tuned grading (continuous grade cut at "
+                     f"{', '.join(f'{t:.2f}' for t in result['thresholds'])}, tuned on {result['thresholds_from']}): "
+                     f"kappa {result['kappa_tuned']:.4f}, accuracy {result['accuracy_tuned']:.2%}")
+    lines.append(f"calibration: expected calibration error {result['ece']:.4f} ({metrics.ECE_BINS} bins)"
+                 if result["ece"] is not None else f"calibration: {result['calibration_note']}")
     return "\n".join(lines)
+
+
+def patient_report(result: dict) -> str:
+    """The patient-level screening line: a patient referred when either eye is referable."""
+    m, ci = result["patient_referable"], result["ci95"]
+    if not m["applies"]:
+        return f"referable DR by patient: not reported, {m['why_not']}"
+    pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
+    span = lambda name: f" [{ci[name][0]:.3f}, {ci[name][1]:.3f}]" if ci.get(name) else ""  # noqa: E731
+    auc = "-" if m["auc"] is None else f"{m['auc']:.3f}"
+    return (f"referable DR by patient (referred when either eye is; {m['patients']} patients, {m['with_both_eyes']} "
+            f"with both eyes, {m['with_one_eye']} with one): AUC {auc}{span('patient_referable_auc')} | "
+            f"sensitivity {pct(m['sensitivity'])}{span('patient_sensitivity')}, specificity "
+            f"{pct(m['specificity'])}{span('patient_specificity')} ({m['positives']} positive, {m['negatives']} "
+            "negative)")
 
 
 def evaluated_on(checkpoint: dict, args, fundus: dataloader.FundusData, table: dataloader.FundusTable) -> str | None:
@@ -735,18 +800,19 @@ def evaluated_on(checkpoint: dict, args, fundus: dataloader.FundusData, table: d
     return None if own else (table.dataset or "data")
 
 
-def dataset_fields(table: dataloader.FundusTable, on: str | None, probs: np.ndarray) -> dict:
+def dataset_fields(table: dataloader.FundusTable, on: str | None, summaries: np.ndarray,
+                   objective: objectives.Objective) -> dict:
     """What the metrics JSON records of the data: the dataset, the one it is named after (None: the run's
     own split), the photos its tables list but no split uses, and on EyePACS' official test split the
     accuracy and kappa per leaderboard (Usage Public/Private), comparable with the competition's."""
     fields = {"dataset": table.dataset, "evaluated_on": on, "excluded": table.excluded}
     usage = table.extra.get("usage")
     if usage is not None:
-        scored = ~np.isnan(probs).any(axis=1)
+        scored = ~np.isnan(summaries).any(axis=1)
         fields["by_usage"] = {}
         for board in sorted(set(usage[scored].tolist())):
             rows = scored & (usage == board)
-            board_metrics = metrics.grading_metrics(table.grades[rows], probs[rows].argmax(1))
+            board_metrics = metrics.grading_metrics(table.grades[rows], objective.numbers(summaries[rows])["grade"])
             fields["by_usage"][board] = {"num_images": int(rows.sum()), "accuracy": board_metrics["accuracy"],
                                          "kappa": board_metrics["kappa"]}
     return fields

@@ -4,11 +4,12 @@
     python export.py checkpoints/resnet18_scratch/best.pt --int8     # -> best_int8.onnx
 
 The file takes uint8 RGB images [N, 3, S, S] at the run's size (as a decoded photo is), normalises them
-inside, and gives the five grade probabilities. Its metadata_props say what a user needs to grade without
-this repo: architecture, size, grade names, preprocessing, the operating points and kappa cut points the
-evaluation chose, the run and its data. Before writing, the file is run in onnxruntime on a sample of the
-run's test images and compared with PyTorch: any probability further than 1e-4 or any other grade, and no
-file is written. --int8 quantises it (static, calibrated on training images) and checks the test split's
+inside, and gives what the run's objective outputs: the five grade probabilities (ce, ordinal), or the
+regressed grade (mse). Its metadata_props say what a user needs to grade without this repo: the objective and
+how its output becomes a grade, architecture, size, grade names, preprocessing, the operating points and kappa
+cut points the evaluation chose, the run and its data. Before writing, the file is run in onnxruntime on a
+sample of the run's test images and compared with PyTorch: any output further than 1e-4 or any other grade,
+and no file is written. --int8 quantises it (static, calibrated on training images) and checks the test split's
 accuracy, kappa and referable AUC against fp32 instead (within 0.01).
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ import dataloader
 import deploy
 import evaluate  # the one path from pixels to grades: export is checked against the evaluation's own model
 import metrics
+import objectives
 from runtime import (GRADE_NAMES, Parser, RunFailed, UserError, atomic_write, check_output, check_output_file,
                      exit_on_user_error, input_file, load_checkpoint, weights_digest)
 
@@ -89,25 +91,38 @@ def uint8_batches(checkpoint: dict, table: dataloader.FundusTable, batch_size: i
         yield dataloader.collate_fundus([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
 
 
-def probabilities(grader, batches: list) -> np.ndarray:
+def summaries(grader, batches: list) -> np.ndarray:
+    """The grader's outputs (the objective's summaries) of the batches."""
     with torch.inference_mode():
         return torch.cat([grader(images) for images, _ in batches]).numpy().astype(np.float64)
 
 
-def compare(reference: np.ndarray, exported: np.ndarray) -> dict:
-    """The largest probability difference and the images whose grade differs."""
+def compare(reference: np.ndarray, exported: np.ndarray, objective: objectives.Objective) -> dict:
+    """The largest output difference and the images whose grade (the objective's) differs."""
     return {"images": len(reference), "max_difference": float(np.abs(reference - exported).max()),
-            "grades_differ": int((reference.argmax(1) != exported.argmax(1)).sum())}
+            "grades_differ": int((objective.numbers(reference)["grade"] != objective.numbers(exported)["grade"]).sum())}
 
 
-def headline(grades: np.ndarray, probs: np.ndarray) -> dict:
+def headline(grades: np.ndarray, outputs: np.ndarray, objective: objectives.Objective) -> dict:
     """The three numbers the INT8 file is held to: accuracy, quadratic kappa, referable-DR AUC."""
-    scores = metrics.grading_metrics(grades, probs.argmax(1))
-    auc = metrics.screening_metrics(grades, probs, metrics.SCREENING["referable"], None, None)["auc"]
+    numbers = objective.numbers(outputs)
+    scores = metrics.grading_metrics(grades, numbers["grade"])
+    grade = metrics.SCREENING["referable"]
+    auc = metrics.screening_metrics(grades, numbers["grade"], numbers["screening"][grade], grade, None, None)["auc"]
     return {"accuracy": scores["accuracy"], "kappa": scores["kappa"], "referable_auc": auc}
 
 
 # --------------------------------------------------------------------------- what the file says of itself
+# What the output is and how it becomes a grade, per objective (objectives.Objective.grade, in words)
+OUTPUT_TEXT = {
+    "ce": f"{deploy.OUTPUT}: float32 [batch, 5], softmax over grades 0-4 (objective ce: the grade is the argmax)",
+    "ordinal": f"{deploy.OUTPUT}: float32 [batch, 5], grade probabilities 0-4 of CORN ordinal regression (objective "
+               "ordinal: the grade is the number of k = 1..4 with P(grade >= k) = p_k + ... + p_4 above 0.5)",
+    "mse": "grade: float32 [batch, 1], the regressed grade (objective mse: the grade is it cut at 0.5, 1.5, 2.5, "
+           "3.5, or at kappa_thresholds)",
+}
+
+
 def evaluation_choices(checkpoint: dict, path: Path) -> dict:
     """The operating points and kappa cut points evaluate.py chose for this checkpoint (logs/<run>_eval.json,
     when it evaluated these very weights without TTA: the weights' digest, as plot.py ties evaluations to
@@ -150,16 +165,17 @@ def metadata(checkpoint: dict, path: Path, precision: str, check: dict, paramete
     size = checkpoint["image_size"]
     data = checkpoint.get("data", {})
     ben_graham = evaluate.trained_on_ben_graham(checkpoint)
-    record = {key: checkpoint.get(key) for key in ("arch", "num_classes", "image_size", "epoch", "best_epoch",
+    objective = objectives.of(checkpoint)
+    record = {key: checkpoint.get(key) for key in ("arch", "num_classes", "objective", "image_size", "epoch", "best_epoch",
                                                    "best_metric", "best_metric_name", "pretrained_source", "config",
                                                    "data")}
     # the checkpoint's weights, so that plot.py ties the file's evaluations to the run's best.pt as a checkpoint's
     record["weights_digest"] = weights_digest(checkpoint["model"])
     return {
         "arch": checkpoint["arch"], "image_size": str(size), "precision": precision,
-        "grade_names": list(GRADE_NAMES),
+        "grade_names": list(GRADE_NAMES), "objective": objective.name,
         "input": f"{deploy.INPUT}: uint8 RGB [batch, 3, {size}, {size}], pixel values 0-255 (no normalisation)",
-        "output": f"{deploy.OUTPUT}: float32 [batch, 5], softmax over grades 0-4",
+        "output": OUTPUT_TEXT[objective.name],
         "preprocessing": {
             "eye_crop": "the eye cropped to a square (data/prepare.py does it to camera photos; evaluate.py --images "
                         "does it on the fly), then the centre square resized to the image size, bilinear",
@@ -177,21 +193,21 @@ def metadata(checkpoint: dict, path: Path, precision: str, check: dict, paramete
 # --------------------------------------------------------------------------- the command
 def check_fp32(torch_grader, onnx_grader, batches: list) -> dict:
     """PyTorch (eval mode, fp32, CPU) and onnxruntime on the same uint8 images; refuses on any difference."""
-    result = compare(probabilities(torch_grader, batches), probabilities(onnx_grader, batches))
-    print(f"fp32: onnxruntime vs PyTorch on {result['images']} test images: largest probability difference "
+    result = compare(summaries(torch_grader, batches), summaries(onnx_grader, batches), torch_grader.objective)
+    print(f"fp32: onnxruntime vs PyTorch on {result['images']} test images: largest output difference "
           f"{result['max_difference']:.2e}, {result['grades_differ']} grades differ")
     if result["max_difference"] > MAX_PROBABILITY_DIFFERENCE or result["grades_differ"]:
-        raise RunFailed(f"the exported model does not grade as the checkpoint does (largest probability difference "
+        raise RunFailed(f"the exported model does not grade as the checkpoint does (largest output difference "
                         f"{result['max_difference']:.2e} > {MAX_PROBABILITY_DIFFERENCE:g} or {result['grades_differ']} "
                         "grades differ); no file written")
     return result
 
 
-def check_int8(fp32_grader, int8_grader, batches: list) -> dict:
+def check_int8(fp32_grader, int8_grader, batches: list, objective: objectives.Objective) -> dict:
     """The test split's accuracy, kappa and referable AUC of the INT8 file, each within MAX_METRIC_LOSS of fp32's."""
     grades = torch.cat([g for _, g in batches]).numpy()
-    fp32 = headline(grades, probabilities(fp32_grader, batches))
-    int8 = headline(grades, probabilities(int8_grader, batches))
+    fp32 = headline(grades, summaries(fp32_grader, batches), objective)
+    int8 = headline(grades, summaries(int8_grader, batches), objective)
     gaps = {k: abs(int8[k] - fp32[k]) for k in fp32 if fp32[k] is not None and int8[k] is not None}
     print(f"int8 vs fp32 on {len(grades)} test images: " + ", ".join(
         f"{k} {int8[k]:.4f} vs {fp32[k]:.4f}" for k in gaps))
@@ -206,8 +222,9 @@ def fp32_file(checkpoint: dict, path: Path, data: dataloader.FundusData, args):
     """(the fp32 file as a ModelProto, its onnxruntime grader, the check against PyTorch, parameters)."""
     # the reference is fp32 on the CPU, as the file is, whatever precision the run trained and evaluates in
     model, transform, _ = evaluate.inference_setup(checkpoint, path, CPU)
-    torch_grader = evaluate.TorchGrader(model, transform, contextlib.nullcontext())
-    proto = deploy.export_fp32(model, checkpoint["image_size"])
+    objective = objectives.of(checkpoint)
+    torch_grader = evaluate.TorchGrader(model, transform, contextlib.nullcontext(), objective)
+    proto = deploy.export_fp32(model, checkpoint["image_size"], objective)
     onnx_grader = evaluate.OnnxGrader(deploy.session(proto.SerializeToString()))
     sample = data.test.subset(spread(len(data.test), args.check_images), data.test.source)
     check = check_fp32(torch_grader, onnx_grader, list(uint8_batches(checkpoint, sample, args.batch_size)))
@@ -220,7 +237,7 @@ def int8_file(checkpoint: dict, data: dataloader.FundusData, proto, fp32_grader,
     model_bytes = deploy.quantise_static(proto, [images.numpy() for images, _ in
                                                  uint8_batches(checkpoint, calibration, args.batch_size)])
     check = check_int8(fp32_grader, evaluate.OnnxGrader(deploy.session(model_bytes)),
-                       list(uint8_batches(checkpoint, data.test, args.batch_size)))
+                       list(uint8_batches(checkpoint, data.test, args.batch_size)), objectives.of(checkpoint))
     return model_bytes, f"int8 (static, calibrated on {len(calibration)} training images)", check
 
 

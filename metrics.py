@@ -1,12 +1,15 @@
-"""The numbers a DR grader is judged by, from its grades and probabilities alone.
+"""The numbers a DR grader is judged by, from its predicted grades, scores and probabilities alone (what
+objectives.Objective.numbers makes of any objective's outputs).
 
 - the lab's: accuracy, quadratic weighted kappa (the Kaggle 2015 metric), macro F1, the per-grade table
   and the confusion matrix (scikit-learn);
 - screening, as clinics decide: referable DR (grade >= 2) and vision-threatening DR (grade >= 3) as yes/no,
-  ROC AUC, sensitivity/specificity/PPV/NPV of the argmax grade, and two operating points (Gulshan et al.,
-  JAMA 2016: sensitivity >= 97.5 %, specificity >= 98 %) whose score thresholds are chosen on another split;
-- the Kaggle winners' decoding: the expected grade cut by four thresholds tuned for kappa on another split;
-- trust: expected calibration error (Guo et al. 2017) and 95 % bootstrap intervals resampling patients.
+  ROC AUC of the objective's screening score, sensitivity/specificity/PPV/NPV of the predicted grade, and two
+  operating points (Gulshan et al., JAMA 2016: sensitivity >= 97.5 %, specificity >= 98 %) whose score
+  thresholds are chosen on another split; and by patient, a patient referred when either eye is;
+- the Kaggle winners' decoding: the continuous grade cut by four thresholds tuned for kappa on another split;
+- trust: expected calibration error (Guo et al. 2017; objectives with probabilities) and 95 % bootstrap
+  intervals resampling patients.
 
 evaluate.py computes them (and writes the predictions they follow from), train.py logs the referable AUC
 each epoch, plot.py draws what the JSON holds. Nothing here touches a model.
@@ -76,11 +79,6 @@ def quadratic_kappa(grades: np.ndarray, preds: np.ndarray, weight: np.ndarray | 
 
 
 # --------------------------------------------------------------------------- screening
-def screening_score(probs: np.ndarray, grade: int) -> np.ndarray:
-    """The probability that an eye's grade is `grade` or worse: p2+p3+p4 for referable DR."""
-    return probs[:, grade:].sum(axis=1)
-
-
 def rates(positive: np.ndarray, called: np.ndarray) -> dict:
     """Sensitivity, specificity, PPV and NPV of yes/no calls (None where a denominator is 0)."""
     tp, fn = int((called & positive).sum()), int((~called & positive).sum())
@@ -109,21 +107,23 @@ def operating_thresholds(positive: np.ndarray, score: np.ndarray, split: str) ->
         return {}, unset
     fpr, tpr, thresholds = roc_curve(positive, score, drop_intermediate=False)
     # roc_curve's first threshold is +inf, nothing called positive; a JSON number just above any score says so
-    thresholds = np.minimum(thresholds, np.nextafter(1.0, 2.0))
+    # (above 1 for a probability, above the highest regressed grade for a regression)
+    thresholds = np.minimum(thresholds, np.nextafter(max(1.0, float(score.max())), np.inf))
     sensitive = float(thresholds[np.flatnonzero(tpr >= TARGET_SENSITIVITY)[0]])
     specific = float(thresholds[np.flatnonzero(1 - fpr >= TARGET_SPECIFICITY)[-1]])
     points = dict(zip(("high_sensitivity", "high_specificity"), sorted((sensitive, specific))))
     return {name: t for name, t in points.items() if name not in unset}, unset
 
 
-def screening_metrics(grades: np.ndarray, probs: np.ndarray, grade: int, chosen: dict | None,
+def screening_metrics(grades: np.ndarray, preds: np.ndarray, score: np.ndarray, grade: int, chosen: dict | None,
                       chosen_on: str | None, unset: dict | None = None) -> dict:
-    """One screening question (grade or worse?) on these images: AUC and its ROC curve, the argmax grade's
-    sensitivity/specificity/PPV/NPV, and the operating points at thresholds chosen elsewhere (`chosen`, from
-    operating_thresholds on the split named `chosen_on`; `unset`: why a point could not be chosen there)."""
-    positive, score = grades >= grade, screening_score(probs, grade)
+    """One screening question (grade or worse?) on these images: AUC of its score and the ROC curve, the
+    sensitivity/specificity/PPV/NPV of the predicted grades (`preds`, the objective's), and the operating points
+    at thresholds chosen elsewhere (`chosen`, from operating_thresholds on the split named `chosen_on`; `unset`:
+    why a point could not be chosen there)."""
+    positive = grades >= grade
     out = {"grade_at_least": grade, "positives": int(positive.sum()), "negatives": int((~positive).sum()),
-           "auc": None, **rates(positive, probs.argmax(1) >= grade), "operating_points": None,
+           "auc": None, **rates(positive, preds >= grade), "operating_points": None,
            "operating_points_unset": unset or {}, "chosen_on": chosen_on, "roc": None}
     if positive.any() and not positive.all():
         out["auc"] = float(roc_auc_score(positive, score))
@@ -141,13 +141,8 @@ def point(positive: np.ndarray, score: np.ndarray, threshold: float) -> dict:
 
 
 # --------------------------------------------------------------------------- kappa-tuned grading
-def expected_grade(probs: np.ndarray) -> np.ndarray:
-    """E = sum_k k * p_k: a continuous grade, what the Kaggle 2015 winners cut instead of taking the argmax."""
-    return probs @ np.arange(probs.shape[1], dtype=probs.dtype)
-
-
 def cut(expected: np.ndarray, thresholds) -> np.ndarray:
-    """The grade as the number of thresholds the expected grade exceeds."""
+    """The grade as the number of thresholds the continuous grade (objectives.Objective.score) exceeds."""
     return (expected[:, None] > np.asarray(thresholds)[None, :]).sum(axis=1)
 
 
@@ -193,48 +188,105 @@ def calibration(grades: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> 
     return {"ece": float(ece), "bins": table}
 
 
-def bootstrap_intervals(patients: list[str], grades: np.ndarray, probs: np.ndarray,
+def patient_table(patients: list[str], grades: np.ndarray, preds: np.ndarray, score: np.ndarray,
+                  grade: int = SCREENING["referable"]) -> dict:
+    """Screening by patient: a patient is referred when either eye is (the worst eye decides, as a screening
+    programme refers people, not photos). Per patient: positive when any eye's true grade is `grade` or worse,
+    called when any eye's predicted grade is, scored by the highest score of the eyes; `index` maps each image
+    to its patient, `eyes` counts each patient's images."""
+    ids, index = np.unique(np.asarray(patients), return_inverse=True)
+    positive = np.zeros(len(ids), bool)
+    called = np.zeros(len(ids), bool)
+    best = np.full(len(ids), -np.inf)
+    np.logical_or.at(positive, index, grades >= grade)
+    np.logical_or.at(called, index, preds >= grade)
+    np.maximum.at(best, index, score)
+    return {"index": index, "positive": positive, "called": called, "score": best,
+            "eyes": np.bincount(index, minlength=len(ids))}
+
+
+def patient_screening(patients: list[str], grades: np.ndarray, preds: np.ndarray, score: np.ndarray) -> dict:
+    """Referable DR by patient (patient_table): the counts, AUC of the patient's score and the rates of the
+    predicted grades; `applies` False (with the reason) where no patient has two photos in the split, so that
+    the figures would only repeat the per-image ones."""
+    table = patient_table(patients, grades, preds, score)
+    both = int((table["eyes"] >= 2).sum())
+    out = {"patients": len(table["eyes"]), "with_both_eyes": both, "with_one_eye": int((table["eyes"] == 1).sum()),
+           "positives": int(table["positive"].sum()), "negatives": int((~table["positive"]).sum()), "auc": None,
+           **rates(table["positive"], table["called"]), "applies": both > 0, "why_not": None}
+    if not both:
+        out["why_not"] = "no patient has both eyes in this split (each photo is its own patient here)"
+    if table["positive"].any() and not table["positive"].all():
+        out["auc"] = float(roc_auc_score(table["positive"], table["score"]))
+    return out
+
+
+def bootstrap_intervals(patients: list[str], grades: np.ndarray, preds: np.ndarray, referable_score: np.ndarray,
                         resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> dict:
-    """95 % percentile intervals of accuracy, quadratic kappa and referable AUC, resampling patients with
-    replacement (both eyes of a patient go together: they are not independent), `resamples` times from a
-    fixed seed. A patient drawn k times weighs k."""
-    ids, patient = np.unique(np.asarray(patients), return_inverse=True)
+    """95 % percentile intervals of accuracy, quadratic kappa and referable AUC, and of the patient-level
+    referable AUC, sensitivity and specificity, resampling patients with replacement (both eyes of a patient
+    go together: they are not independent), `resamples` times from a fixed seed. A patient drawn k times
+    weighs k."""
+    by_patient = patient_table(patients, grades, preds, referable_score)
+    patient, n = by_patient["index"], len(by_patient["eyes"])
     rng = np.random.default_rng(seed)
-    preds, referable = probs.argmax(1), grades >= SCREENING["referable"]
-    score = screening_score(probs, SCREENING["referable"])
-    values = {"accuracy": [], "kappa": [], "referable_auc": []}
+    referable = grades >= SCREENING["referable"]
+    values = {name: [] for name in ("accuracy", "kappa", "referable_auc", "patient_referable_auc",
+                                    "patient_sensitivity", "patient_specificity")}
+    positive, called = by_patient["positive"], by_patient["called"]
     for _ in range(resamples):
-        weight = np.bincount(rng.integers(0, len(ids), len(ids)), minlength=len(ids))[patient].astype(float)
+        drawn_patients = np.bincount(rng.integers(0, n, n), minlength=n).astype(float)
+        weight = drawn_patients[patient]
         values["accuracy"].append(float((weight * (preds == grades)).sum() / weight.sum()))
         values["kappa"].append(quadratic_kappa(grades, preds, weight))
         drawn = weight > 0
         if referable[drawn].any() and not referable[drawn].all():
-            values["referable_auc"].append(float(roc_auc_score(referable, score, sample_weight=weight)))
+            values["referable_auc"].append(float(roc_auc_score(referable, referable_score, sample_weight=weight)))
+        chosen = drawn_patients > 0
+        if positive[chosen].any() and not positive[chosen].all():
+            values["patient_referable_auc"].append(float(roc_auc_score(positive, by_patient["score"],
+                                                                       sample_weight=drawn_patients)))
+        for name, group, hit in (("patient_sensitivity", positive, called), ("patient_specificity", ~positive, ~called)):
+            total = (drawn_patients * group).sum()
+            if total:
+                values[name].append(float((drawn_patients * (group & hit)).sum() / total))
     return {name: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if v else None
             for name, v in values.items()}
 
 
 # --------------------------------------------------------------------------- all of them
-def clinical_metrics(grades: np.ndarray, probs: np.ndarray, patients: list[str],
-                     reference: tuple[np.ndarray, np.ndarray, str] | None) -> dict:
-    """Screening, kappa-tuned grading, calibration and intervals of one split's predictions. `reference`:
-    (grades, probabilities, split name) of the split that operating points and thresholds are chosen on,
-    never the split reported here; None leaves them out."""
-    out = {}
+CALIBRATION_NOT_APPLICABLE = ("not applicable: a regression outputs a grade, not probabilities, so there is no "
+                              "confidence to calibrate (its score's error is the MSE, logged as the loss)")
+
+
+def clinical_metrics(grades: np.ndarray, numbers: dict, patients: list[str],
+                     reference: tuple[np.ndarray, dict, str] | None) -> dict:
+    """Screening (per image, and per patient where the split holds patients with both eyes), kappa-tuned
+    grading, calibration and intervals of one split's predictions. `numbers`: objectives.Objective.numbers of
+    the split's summaries (grade, score, screening scores, probabilities or None); `reference`: (grades, numbers,
+    split name) of the split that operating points and thresholds are chosen on, never the split reported here;
+    None leaves them out."""
+    out, preds = {}, numbers["grade"]
     for name, grade in SCREENING.items():
-        chosen, unset = operating_thresholds(reference[0] >= grade, screening_score(reference[1], grade),
+        chosen, unset = operating_thresholds(reference[0] >= grade, reference[1]["screening"][grade],
                                              reference[2]) if reference is not None else (None, None)
-        out[name] = screening_metrics(grades, probs, grade, chosen, reference[2] if reference else None, unset)
+        out[name] = screening_metrics(grades, preds, numbers["screening"][grade], grade, chosen,
+                                      reference[2] if reference else None, unset)
+    referable_score = numbers["screening"][SCREENING["referable"]]
+    out["patient_referable"] = patient_screening(patients, grades, preds, referable_score)
     if reference is not None:
-        thresholds = tune_thresholds(reference[0], expected_grade(reference[1]))
-        tuned = cut(expected_grade(probs), thresholds)
+        thresholds = tune_thresholds(reference[0], reference[1]["score"])
+        tuned = cut(numbers["score"], thresholds)
         out.update(thresholds=thresholds, thresholds_from=reference[2],
                    kappa_tuned=quadratic_kappa(grades, tuned), accuracy_tuned=float((tuned == grades).mean()))
     else:
         out.update(thresholds=None, thresholds_from=None, kappa_tuned=None, accuracy_tuned=None)
-    calibrated = calibration(grades, probs)
-    out.update(ece=calibrated["ece"], calibration=calibrated["bins"],
-               ci95=bootstrap_intervals(patients, grades, probs),
+    if numbers["probs"] is not None:
+        calibrated = calibration(grades, numbers["probs"])
+        out.update(ece=calibrated["ece"], calibration=calibrated["bins"], calibration_note=None)
+    else:
+        out.update(ece=None, calibration=None, calibration_note=CALIBRATION_NOT_APPLICABLE)
+    out.update(ci95=bootstrap_intervals(patients, grades, preds, referable_score),
                bootstrap={"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED,
                           "patients": len(set(patients))})
     return out

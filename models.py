@@ -116,7 +116,9 @@ class ResNet(nn.Module):
         layers += [block(self.in_planes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled output of the last residual stage, what fc reads (512 or 2048 per image): what the
+        two-eye stage (twoeye.py) reads of each eye."""
         x = self.conv1(x)
         x = self.bn1(x)
         x = self.relu(x)
@@ -126,8 +128,10 @@ class ResNet(nn.Module):
         x = self.layer3(x)
         x = self.layer4(x)
         x = self.avgpool(x)
-        x = torch.flatten(x, 1)
-        return self.fc(x)
+        return torch.flatten(x, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
 
 
 ARCHS = {

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 import dataloader
+import objectives
 from runtime import RunFailed, progress
 
 # Batches between host syncs: the progress bar's text, the non-finite-loss check and, under DDP, the
@@ -51,16 +52,32 @@ def build_scheduler(optimizer, schedule: str, warmup_epochs: float, epochs: int,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total, schedule))
 
 
+class Criterion:
+    """The objective's training loss with the run's settings: criterion(outputs, grades) -> mean loss."""
+
+    def __init__(self, objective: objectives.Objective, weight: torch.Tensor | None = None,
+                 label_smoothing: float = 0.0):
+        self.objective, self.weight, self.label_smoothing = objective, weight, label_smoothing
+
+    def __call__(self, out: torch.Tensor, grades: torch.Tensor) -> torch.Tensor:
+        return self.objective.loss(out, grades, self.label_smoothing, self.weight)
+
+    def grade(self, out: torch.Tensor) -> torch.Tensor:
+        """The objective's grade of raw outputs (what the training accuracy counts)."""
+        return self.objective.grade(self.objective.summarise(out.detach()))
+
+
 def build_criterion(train_grades: np.ndarray, class_weighted: bool, label_smoothing: float,
-                    device: torch.device) -> nn.Module:
-    """Cross-entropy; with class_weighted each grade weighs the inverse of its share of the training split
-    (n / (5 * count)), so that 73 % of grade 0 no longer dominate the loss."""
+                    device: torch.device, objective: objectives.Objective = objectives.OBJECTIVES["ce"]) -> Criterion:
+    """The objective's loss; for cross-entropy with class_weighted each grade weighs the inverse of its share
+    of the training split (n / (5 * count)), so that 73 % of grade 0 no longer dominate the loss (train.py
+    refuses the two cross-entropy settings for the other objectives)."""
     weight = None
     if class_weighted:
         counts = dataloader.class_counts(train_grades).astype(np.float64)
         weight = torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32,
                               device=device)
-    return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+    return Criterion(objective, weight, label_smoothing)
 
 
 def train_one_epoch(model: nn.Module, loader, transform, criterion, optimizer, scheduler, scaler, autocast_ctx,
@@ -98,7 +115,7 @@ def train_one_epoch(model: nn.Module, loader, transform, criterion, optimizer, s
         if usable:
             bad_batch = torch.where((bad_batch < 0) & ~torch.isfinite(loss), i + 1, bad_batch)
             loss_sum += loss.double() * len(grades)
-            correct += (logits.argmax(1) == grades).sum()
+            correct += (criterion.grade(logits) == grades).sum()
             seen += len(grades)
         if step_now:
             optimiser_step(optimizer, scheduler, scaler, pending)

@@ -34,7 +34,8 @@ LINE_STYLE = {
     ("test", False): ("tab:red", "-", "s"), ("val", False): ("tab:brown", ":", "^"),
 }
 VAL_FOOTNOTE = ("Runs marked * held out a validation split: their best epoch is the one with the best "
-                "validation accuracy, and the test accuracy shown is the one at that epoch.")
+                "validation accuracy (or kappa, with --select kappa), and the test accuracy shown is the one at "
+                "that epoch.")
 OTHER_FOOTNOTE = ("Rows under the runs' own are one evaluation each (evaluate.py), on the split in the split "
                   "column (all: every gradable image of the dataset), with the checkpoint's epoch under epochs.")
 ON_FOOTNOTE = ("Rows 'RUN on DATASET' evaluate the run's checkpoint on another dataset (other names or grades than "
@@ -47,6 +48,23 @@ EXPORTED_FOOTNOTE = ("Rows 'RUN (ONNX ...)' evaluate the file export.py made of 
 
 def display_name(arch: str) -> str:
     return "ResNet" + arch[len("resnet"):] if arch.lower().startswith("resnet") else arch
+
+
+def recipe(record: dict) -> str:
+    """What a run or evaluation trained: its objective, and whether it is the two-eye model (a run's JSON or an
+    evaluation's; records from before objectives are ce)."""
+    objective = record.get("objective") or (record.get("config") or {}).get("loss") or "ce"
+    return f"{objective}, two-eye" if record.get("two_eye") else objective
+
+
+def group_of(arch: str, what: str) -> str:
+    """The figures a run is drawn in: <arch> for the lab's recipe (ce, one eye), else <arch>_<recipe>."""
+    return arch if what == "ce" else f"{arch}_{what.replace(', ', '_').replace('-', '_')}"
+
+
+def group_title(group: str, runs: list[dict]) -> str:
+    mine = next(r for r in runs if r["group"] == group)
+    return display_name(mine["arch"]) + ("" if mine["recipe"] == "ce" else f", {mine['recipe']}")
 
 
 def _arch_order(arch: str):
@@ -134,9 +152,11 @@ def load_runs(logdir) -> list[dict]:
         if history.empty:
             print(f"plot.py: skipping {json_path.stem}: {csv_path} holds no finished epoch yet.")
             continue
-        runs.append({"name": str(info.get("run_name") or json_path.stem), "arch": str(info["arch"]).lower(),
-                     "pretrained": bool(info["pretrained"]), "json": info, "history": history,
-                     "path": json_path, "mtime": max(json_path.stat().st_mtime, csv_path.stat().st_mtime)})
+        arch, what = str(info["arch"]).lower(), recipe(info)
+        runs.append({"name": str(info.get("run_name") or json_path.stem), "arch": arch, "recipe": what,
+                     "group": group_of(arch, what), "pretrained": bool(info["pretrained"]), "json": info,
+                     "history": history, "path": json_path,
+                     "mtime": max(json_path.stat().st_mtime, csv_path.stat().st_mtime)})
     if not runs:
         raise UserError(f"{logdir} holds no run logs (<run>.json with <run>.csv beside it); train a "
                         "model first or pass the folder train.py wrote its logs into."
@@ -213,10 +233,10 @@ def load_cams(logdir) -> list[dict]:
 
 
 def pick_latest(runs: list[dict]) -> tuple[list[dict], list[dict]]:
-    """The most recently modified run per (arch, pretrained), and the older runs it hides."""
+    """The most recently modified run per (arch and recipe, pretrained), and the older runs it hides."""
     newest = {}
     for run in sorted(runs, key=lambda r: r["mtime"]):
-        newest[(run["arch"], run["pretrained"])] = run
+        newest[(run["group"], run["pretrained"])] = run
     kept = list(newest.values())
     skipped = [r for r in runs if all(r is not k for k in kept)]
     return kept, skipped
@@ -265,31 +285,33 @@ def _finish(fig, ax, title: str, ylabel: str) -> None:
     fig.tight_layout()
 
 
-def _pair(arch: str, runs: list[dict]) -> list[dict]:
-    kept, _ = pick_latest([r for r in runs if r["arch"] == arch])
+def _pair(group: str, runs: list[dict]) -> list[dict]:
+    kept, _ = pick_latest([r for r in runs if r["group"] == group])
     return sorted(kept, key=lambda r: not r["pretrained"])
 
 
-def comparison_figure(arch: str, runs: list[dict], majority: float | None = None):
-    """The lab's figure: train/test accuracy (%) per epoch, with and w/o pretraining."""
+def comparison_figure(group: str, runs: list[dict], majority: float | None = None):
+    """The lab's figure: train/test accuracy (%) per epoch, with and w/o pretraining (one figure per
+    architecture and recipe)."""
     with plt.rc_context(RC):
         fig, ax = plt.subplots(figsize=(8, 5))
-        for run in _pair(arch, runs):
+        for run in _pair(group, runs):
             for split in ("train", "test", "val"):
                 _draw(ax, run, split, f"{split}_acc", scale=100)
         if majority is not None:
             ax.axhline(100 * majority, color="0.35", linestyle="--", linewidth=1.3,
                        label=f"Majority grade ({100 * majority:.1f}%)")
-        _finish(fig, ax, f"Result Comparison({display_name(arch)})", "Accuracy(%)")
+        _finish(fig, ax, f"Result Comparison({group_title(group, runs)})", "Accuracy(%)")
     return fig
 
 
-def plot_comparison(arch: str, runs: list[dict], out_dir, evals: list[dict] = ()) -> Path:
-    fig = comparison_figure(arch, runs, majority_share(arch, list(evals)))
-    return _save(fig, Path(out_dir) / f"comparison_{arch}.png")
+def plot_comparison(group: str, runs: list[dict], out_dir, evals: list[dict] = ()) -> Path:
+    arch = next(r["arch"] for r in runs if r["group"] == group)
+    fig = comparison_figure(group, runs, majority_share(arch, list(evals)))
+    return _save(fig, Path(out_dir) / f"comparison_{group}.png")
 
 
-def curves_figure(arch: str, runs: list[dict], metric: str):
+def curves_figure(group: str, runs: list[dict], metric: str):
     """Loss (train, test, val) or quadratic weighted kappa (test, val) per epoch; beside the kappa, dashed,
     the test split's referable-DR AUC (both read on 0..1)."""
     splits, ylabel, title = {"loss": (("train", "test", "val"), "Loss", "Loss"),
@@ -297,22 +319,22 @@ def curves_figure(arch: str, runs: list[dict], metric: str):
                                        "Kappa and referable AUC")}[metric]
     with plt.rc_context(RC):
         fig, ax = plt.subplots(figsize=(8, 5))
-        for run in _pair(arch, runs):
+        for run in _pair(group, runs):
             for split in splits:
                 _draw(ax, run, split, f"{split}_{metric}")
             if metric == "kappa":
                 _draw(ax, run, "test", AUC_COLUMN, what="referable AUC")
         if metric == "kappa":
-            lowest = min(run["history"].filter(like="_kappa").min().min() for run in _pair(arch, runs))
+            lowest = min(run["history"].filter(like="_kappa").min().min() for run in _pair(group, runs))
             # a fixed 0..1 axis makes runs comparable across figures; below 0 the model is worse than chance
             if not lowest < 0:
                 ax.set_ylim(0, 1)
-        _finish(fig, ax, f"{title}({display_name(arch)})", ylabel)
+        _finish(fig, ax, f"{title}({group_title(group, runs)})", ylabel)
     return fig
 
 
-def plot_curves(arch: str, runs: list[dict], out_dir) -> list[Path]:
-    return [_save(curves_figure(arch, runs, metric), Path(out_dir) / f"{metric}_{arch}.png")
+def plot_curves(group: str, runs: list[dict], out_dir) -> list[Path]:
+    return [_save(curves_figure(group, runs, metric), Path(out_dir) / f"{metric}_{group}.png")
             for metric in ("loss", "kappa")]
 
 
@@ -497,10 +519,12 @@ def plot_cam_sheet(cams: dict, out_dir) -> Path:
 
 
 def best_epoch_row(run: dict) -> tuple[pd.Series, bool]:
-    """The CSV row of the best epoch, and whether validation accuracy chose it."""
+    """The CSV row of the best epoch (by the metric that chose it: test or validation accuracy or kappa), and
+    whether the validation split chose it."""
     history = run["history"]
-    by_val = run["json"].get("best_metric_name") == "val_acc" and "val_acc" in history
-    return history.loc[history["val_acc" if by_val else "test_acc"].idxmax()], by_val
+    name = run["json"].get("best_metric_name") or "test_acc"
+    column = name if name in history else "test_acc"
+    return history.loc[history[column].idxmax()], column.startswith("val_")
 
 
 def is_exported(evaluation: dict) -> bool:
@@ -522,11 +546,15 @@ def _number(value, spec: str) -> str:
 
 
 def _screening_cells(evaluation: dict) -> list[str]:
-    """referable AUC, referable sensitivity/specificity (%) of the argmax grade, kappa with tuned thresholds."""
+    """referable AUC, referable sensitivity/specificity (%) of the predicted grade, the patient-level referable
+    AUC (where the split holds patients with both eyes), kappa with tuned thresholds."""
     referable = evaluation.get("referable") or {}
     sens, spec = referable.get("sensitivity"), referable.get("specificity")
     both = "-" if sens is None or spec is None else f"{100 * sens:.1f} / {100 * spec:.1f}"
-    return [_number(referable.get("auc"), ".3f"), both, _number(evaluation.get("kappa_tuned"), ".3f")]
+    patient = evaluation.get("patient_referable") or {}
+    return [_number(referable.get("auc"), ".3f"), both,
+            _number(patient.get("auc") if patient.get("applies") else None, ".3f"),
+            _number(evaluation.get("kappa_tuned"), ".3f")]
 
 
 def _cost_cells(evaluation: dict) -> list[str]:
@@ -536,17 +564,17 @@ def _cost_cells(evaluation: dict) -> list[str]:
     return [ms, _number(cost["parameters"] / 1e6 if cost else None, ".1f"), _number(cost.get("file_mb"), ".1f")]
 
 
-SUMMARY_HEADER = ["| run | model | pretrained | epochs | best epoch | split | accuracy (%) | kappa | macro F1 "
-                  "| referable AUC | referable sens / spec (%) | tuned kappa | images/s | ms per image (batch 1 / 32) "
-                  "| parameters (M) | file (MB) |",
-                  "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+SUMMARY_HEADER = ["| run | model | pretrained | objective | epochs | best epoch | split | accuracy (%) | kappa "
+                  "| macro F1 | referable AUC | referable sens / spec (%) | patient referable AUC | tuned kappa "
+                  "| images/s | ms per image (batch 1 / 32) | parameters (M) | file (MB) |",
+                  "|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
 
 def summary_table(runs: list[dict], evals: list[dict]) -> str:
     """A row per run (its best epoch on its test split: accuracy from the log, the rest from the evaluation of
     best.pt when there is one), then a row per other evaluation, each on the one split its `split` names."""
     lines, shown, any_by_val = list(SUMMARY_HEADER), [], False
-    for run in sorted(runs, key=lambda r: (_arch_order(r["arch"]), not r["pretrained"], r["name"])):
+    for run in sorted(runs, key=lambda r: (_arch_order(r["arch"]), r["recipe"], not r["pretrained"], r["name"])):
         row, by_val = best_epoch_row(run)
         any_by_val |= by_val
         evaluation = eval_for(run, evals)
@@ -554,7 +582,7 @@ def summary_table(runs: list[dict], evals: list[dict]) -> str:
         data = (evaluation or {}).get("data", {})
         speed = run["history"]["images_per_s"].median()
         lines.append(" | ".join([
-            f"| {run['name']}", display_name(run["arch"]), "yes" if run["pretrained"] else "no",
+            f"| {run['name']}", display_name(run["arch"]), "yes" if run["pretrained"] else "no", run["recipe"],
             str(len(run["history"])), str(int(row["epoch"])), "test",
             _number(100 * row["test_acc"], ".2f") + ("*" if by_val else ""),
             _number(data.get("kappa", row["test_kappa"]), ".3f"), _number(data.get("macro_f1"), ".3f"),
@@ -579,7 +607,7 @@ def evaluation_rows(evals: list[dict]) -> list[str]:
         rows.append(" | ".join([
             f"| {data.get('run_name', evaluation['name'])}{exported}" + (f" on {on}" if on else "")
             + (" (TTA)" if data.get("tta") else ""),
-            display_name(str(data.get("arch", "-")).lower()), "yes" if data.get("pretrained") else "no",
+            display_name(str(data.get("arch", "-")).lower()), "yes" if data.get("pretrained") else "no", recipe(data),
             str(data.get("epoch", "-")), "-", str(data.get("split", "test")),
             _number(None if accuracy is None else 100 * accuracy, ".2f"), _number(data.get("kappa"), ".3f"),
             _number(data.get("macro_f1"), ".3f"), *_screening_cells(data), "-", *_cost_cells(data)]) + " |")
@@ -609,7 +637,7 @@ def _output_folder(out, archs, evals: list[dict], cams: list[dict]) -> Path:
     """--out, and every file plot.py will write there checked before any is written: a figure replaces only
     a figure, the summary only a summary (runtime.check_output_file)."""
     out = check_output("--out", out, folder=True)
-    figures = [f"{kind}_{arch}.png" for arch in archs for kind in ("comparison", "loss", "kappa")]
+    figures = [f"{kind}_{group}.png" for group in archs for kind in ("comparison", "loss", "kappa")]
     figures += [f"{kind}_{e['name']}.png" for e in evals for kind in ("confusion", "roc", "reliability")]
     figures += [f"cams_{c['name']}.png" for c in cams]
     for name in figures:
@@ -626,14 +654,14 @@ def main(argv=None) -> None:
     evals = current(load_evals(args.logdir), runs, "evaluation")
     cams = current(load_cams(args.logdir), runs, "set of Grad-CAMs")
     kept, skipped = pick_latest(runs)
-    out = _output_folder(args.out, {r["arch"] for r in kept}, evals, cams)
+    out = _output_folder(args.out, {r["group"] for r in kept}, evals, cams)
     if skipped:
         print("plot.py: figures show the newest run per model and pretraining; older runs skipped: "
               + ", ".join(r["name"] for r in skipped))
     written = []
-    for arch in sorted({r["arch"] for r in kept}, key=_arch_order):
-        written.append(plot_comparison(arch, kept, out, evals))
-        written += plot_curves(arch, kept, out)
+    for group in sorted({r["group"] for r in kept}, key=_arch_order):
+        written.append(plot_comparison(group, kept, out, evals))
+        written += plot_curves(group, kept, out)
     written += [path for e in evals for path in plot_evaluation(e, out)]
     written += [plot_cam_sheet(c, out) for c in cams]
     written.append(write_summary(runs, evals, out))

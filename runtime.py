@@ -554,7 +554,7 @@ def memory_format(channels_last: bool) -> torch.memory_format:
 # --------------------------------------------------------------------------- the checkpoint format
 # One dict, loadable with torch.load(path, weights_only=True). `model` holds torchvision's key names
 # (no `module.` or `_orig_mod.` prefix), so torchvision.models.resnetXX(num_classes=5) loads it strictly.
-CHECKPOINT_KEYS = ("model", "arch", "num_classes", "image_size", "epoch", "best_metric", "best_epoch",
+CHECKPOINT_KEYS = ("model", "arch", "num_classes", "objective", "image_size", "epoch", "best_metric", "best_epoch",
                    "best_metric_name", "config", "data", "pretrained_source", "optimizer", "scheduler", "scaler",
                    "rng", "history", "best_weights_digest")
 
@@ -563,10 +563,16 @@ def make_checkpoint(state_dict: dict, config: dict, data: dict, epoch: int, hist
                     training: dict, pretrained_source: str | None) -> dict:
     """The checkpoint of a run after `epoch`.
 
-    config: the run's flags as a plain dict (arch from --model, image size from --image-size);
-    data: where the data came from (layout, folders, split sizes); best: best_epoch, best_metric,
-    best_metric_name; training: the state_dicts of optimizer, scheduler and scaler."""
-    return {"model": state_dict, "arch": config["model"], "num_classes": NUM_GRADES,
+    config: the run's flags as a plain dict (arch from --model, the objective from --loss, image size from
+    --image-size); data: where the data came from (layout, folders, split sizes); best: best_epoch, best_metric,
+    best_metric_name; training: the state_dicts of optimizer, scheduler and scaler. num_classes is the width of
+    the head (objectives.OBJECTIVES: 5 for ce, 1 for mse, 4 for ordinal), so that torchvision's ResNet of that
+    width loads `model` strictly."""
+    import objectives
+
+    objective = objectives.get(config.get("loss", "ce"))
+    return {"model": state_dict, "arch": config["model"], "num_classes": objective.outputs,
+            "objective": objective.name,
             "image_size": config["image_size"], "epoch": epoch, **best, "config": config, "data": data,
             "pretrained_source": pretrained_source, **training, "rng": rng_states(), "history": history}
 
@@ -605,6 +611,7 @@ def run_summary(checkpoint: dict, environment: dict, checkpoint_dir: Path) -> di
     """logs/<run>.json: the flags, the data, the environment and the best epoch, from the checkpoint."""
     config, history = checkpoint["config"], checkpoint["history"]
     return {"run_name": config["run_name"], "arch": checkpoint["arch"], "pretrained": is_pretrained(config),
+            "objective": checkpoint.get("objective", "ce"), "two_eye": checkpoint["two_eye"]["encoder"] if "two_eye" in checkpoint else None,
             "config": config, "data": checkpoint["data"], "environment": environment,
             "epochs_done": checkpoint["epoch"], "best_epoch": checkpoint["best_epoch"],
             "best_metric": checkpoint["best_metric"], "best_metric_name": checkpoint["best_metric_name"],
@@ -624,6 +631,14 @@ def weights_digest(state_dict: dict) -> str:
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def checkpoint_digest(checkpoint: dict) -> str:
+    """weights_digest of everything that grades in a checkpoint: the model, and a two-eye model's head."""
+    weights = dict(checkpoint["model"])
+    if "two_eye" in checkpoint:
+        weights.update({f"two_eye.head.{name}": t for name, t in checkpoint["two_eye"]["head"].items()})
+    return weights_digest(weights)
 
 
 def is_pretrained(config: dict) -> bool:

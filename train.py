@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,14 +34,23 @@ import dataloader
 import evaluate
 import layouts
 import models
+import objectives
 import optimisation
+import twoeye
 from optimisation import Stopped
-from runtime import (AUC_COLUMN, EXIT_USER_ERROR, LOG_COLUMNS, NUM_GRADES, OUTPUT_KINDS, Parser, UserError, autocast,
-                     check_output, check_run_name, choose_device, copy_atomic, exit_on_user_error, fraction_sentence,
+from runtime import (AUC_COLUMN, EXIT_USER_ERROR, LOG_COLUMNS, OUTPUT_KINDS, Parser, UserError, autocast,
+                     check_output, check_run_name, checkpoint_digest, choose_device, copy_atomic, input_file, exit_on_user_error, fraction_sentence,
                      is_pretrained, load_checkpoint, make_checkpoint, memory_format, precision, remove_leftovers,
-                     restore_model, restore_training, run_summary, save_atomic, weights_digest, what_file_is,
+                     restore_model, restore_training, run_summary, save_atomic, what_file_is,
                      write_text_atomic)
 
+# The two-eye stage trains a small head on cached features: many more, faster epochs than an image run, and
+# an optimiser that needs no tuned learning rate (measured: SGD at the image runs' lr 1e-3 barely moves it).
+TWO_EYE_DEFAULTS = {"optimizer": "adamw", "epochs": 30}
+# Flags that mean nothing for the two-eye stage (its encoder is trained and frozen, its inputs are features).
+TWO_EYE_REFUSED = ("pretrained", "weights", "zero_init_residual", "compile", "grad_accum_steps", "sampler",
+                   "image_size", "model", "layout", "test_fraction", "val_fraction", "split_seed")
+CPU = torch.device("cpu")
 # Flags a resumed run may change; any other flag would make it a different run.
 RESUME_OVERRIDES = {"epochs", "workers", "device", "compile", "resume", "quiet", "data_root", "image_dir",
                     "checkpoint_dir", "log_dir"}
@@ -54,6 +64,11 @@ def build_parser() -> Parser:
     g.add_argument("--pretrained", action="store_true", help="start from torchvision's ImageNet weights")
     g.add_argument("--weights", default=None, help="ImageNet weight file to start from (implies --pretrained)")
     g.add_argument("--zero-init-residual", action="store_true", help="zero the last BN of each block")
+    g.add_argument("--two-eye", default=None, metavar="CHECKPOINT",
+                   help="train the two-eye stage on this single-eye checkpoint: each eye graded from its own and its "
+                        "partner's features (<patient>_left/_right), the encoder frozen and its features cached; "
+                        "architecture, objective, image size and data are the checkpoint's; defaults then "
+                        f"{' '.join(f'--{k.replace(chr(95), chr(45))} {v}' for k, v in TWO_EYE_DEFAULTS.items())}")
     g = p.add_argument_group("data")
     g.add_argument("--data-root", default=None,
                    help="dataset folder (default: data/, or the synthetic demo set when data/ holds none)")
@@ -78,6 +93,12 @@ def build_parser() -> Parser:
     g.add_argument("--workers", type=int, default=None, help="loader processes per GPU (default: CPUs, at most 16)")
     g.add_argument("--skip-bad-images", action="store_true", help="warn and skip undecodable images")
     g = p.add_argument_group("optimisation")
+    g.add_argument("--loss", default="ce", choices=list(objectives.OBJECTIVES),
+                   help="the objective: ce, cross-entropy over the five grades (the lab's); mse, the grade regressed "
+                        "with one output (Huang et al. 2023); ordinal, CORN ordinal regression (Shi et al. 2023)")
+    g.add_argument("--select", default="acc", choices=["acc", "kappa"],
+                   help="the metric that chooses best.pt, on the validation split when there is one, else on test "
+                        "(kappa: what regression and ordinal objectives are chosen for)")
     g.add_argument("--epochs", type=int, default=10, help="epochs (the lab: 10 for ResNet18, 5 for ResNet50)")
     g.add_argument("--batch-size", type=int, default=32, help="images per GPU per step")
     g.add_argument("--grad-accum-steps", type=int, default=1, help="batches summed into one optimiser step")
@@ -87,8 +108,9 @@ def build_parser() -> Parser:
     g.add_argument("--weight-decay", type=float, default=5e-4)
     g.add_argument("--schedule", default="cosine", choices=["cosine", "constant"], help="after the warm-up")
     g.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up from lr/100")
-    g.add_argument("--label-smoothing", type=float, default=0.0)
-    g.add_argument("--class-weighted", action="store_true", help="weight the loss by inverse grade frequency")
+    g.add_argument("--label-smoothing", type=float, default=0.0, help="with --loss ce")
+    g.add_argument("--class-weighted", action="store_true",
+                   help="with --loss ce: weight the loss by inverse grade frequency")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("speed")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -141,6 +163,13 @@ def check_args(args: argparse.Namespace) -> None:
         (args.image_size is None or args.image_size >= 32, "--image-size must be at least 32"),
         (args.workers is None or args.workers >= 0, "--workers must not be negative"),
         (not (args.overwrite and args.resume), "--overwrite starts a run afresh; it cannot go with --resume"),
+        # a regression's target is the grade itself and CORN's are yes/no questions: there is no class
+        # distribution to smooth, and no class loss to weight
+        (args.loss == "ce" or not args.class_weighted, f"--class-weighted weighs cross-entropy's classes; --loss "
+                                                       f"{args.loss} has none (use --sampler balanced to see rare "
+                                                       "grades more often)"),
+        (args.loss == "ce" or args.label_smoothing == 0, f"--label-smoothing smooths cross-entropy's target "
+                                                         f"distribution; --loss {args.loss} has none"),
     ]
     for ok, message in rules:
         if not ok:
@@ -156,6 +185,8 @@ def resolve_args(argv: list[str]) -> tuple[argparse.Namespace, dict | None]:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(args)
+    if args.two_eye and args.resume is None:
+        args = with_encoder(args, explicit_flags(parser, argv), parser)
     kind = "pretrained" if is_pretrained(vars(args)) else "scratch"
     args = argparse.Namespace(**{**vars(args), "run_name": args.run_name or f"{args.model}_{kind}"})
     if args.resume == "auto":
@@ -174,12 +205,40 @@ def resolve_args(argv: list[str]) -> tuple[argparse.Namespace, dict | None]:
         flag = "--" + changed[0].replace("_", "-")
         raise UserError(f"{flag} differs from the checkpoint's ({saved.get(changed[0])}); a resumed run keeps its "
                         f"flags except {', '.join(sorted('--' + f.replace('_', '-') for f in RESUME_OVERRIDES - {'resume'}))}")
-    merged = {**saved, **{d: getattr(args, d) for d in typed & RESUME_OVERRIDES}, "resume": args.resume}
+    # a checkpoint from before a flag existed ran with that flag's default (--loss ce, --select acc)
+    defaults = {a.dest: a.default for a in parser._actions if a.dest != "help"}
+    merged = {**defaults, **saved, **{d: getattr(args, d) for d in typed & RESUME_OVERRIDES}, "resume": args.resume}
     # the data is where the checkpoint recorded it (absolute folders), unless typed: then it has moved
     merged.update({d: getattr(args, d) if d in typed else None for d in ("data_root", "image_dir")})
     base = run_base(Path(args.resume), saved)
     merged.update({d: str(base / saved[d]) for d in ("checkpoint_dir", "log_dir") if d not in typed})
     return argparse.Namespace(**merged), checkpoint
+
+
+def with_encoder(args: argparse.Namespace, typed: set, parser) -> argparse.Namespace:
+    """A two-eye run's flags: architecture, objective and image size the encoder's (typed otherwise: refused),
+    TWO_EYE_DEFAULTS where not typed, and the run named <encoder run>_two_eye."""
+    refused = sorted(d for d in typed & set(TWO_EYE_REFUSED) if getattr(args, d) != parser.get_default(d))
+    if refused:
+        flag = "--" + refused[0].replace("_", "-")
+        raise UserError(f"{flag} cannot go with --two-eye: the two-eye stage takes the architecture, weights, size "
+                        "and data splits of its encoder checkpoint and trains a small head on its cached features")
+    path = input_file("--two-eye", args.two_eye)
+    encoder = load_checkpoint(path, "--two-eye")
+    twoeye.check_encoder(encoder, path)
+    objective = objectives.of(encoder)
+    if "loss" in typed and args.loss != objective.name:
+        raise UserError(f"--loss {args.loss} differs from the encoder's objective ({objective.name}, {path}): the "
+                        "two-eye stage refines the encoder's own head; leave --loss out or train an encoder with it")
+    config = encoder["config"]
+    merged = {**vars(args), "model": encoder["arch"], "loss": objective.name, "image_size": encoder["image_size"],
+              "pretrained": is_pretrained(config), "two_eye": str(path.absolute()),
+              **{k: v for k, v in TWO_EYE_DEFAULTS.items() if k not in typed},
+              **{k: config.get(k, parser.get_default(k)) for k in ("layout", "test_fraction", "val_fraction",
+                                                                    "split_seed", "channels_last", "amp")
+                 if k not in typed}}
+    merged["run_name"] = args.run_name or f"{config.get('run_name') or path.parent.name}_two_eye"
+    return argparse.Namespace(**merged)
 
 
 def run_base(checkpoint: Path, config: dict) -> Path:
@@ -294,11 +353,12 @@ class StopRequest:
 def build_model(args, env: Dist, log) -> tuple[nn.Module, str | None]:
     if not (args.pretrained or args.weights):
         torch.manual_seed(args.seed)
-        return models.build_model(args.model, NUM_GRADES, args.zero_init_residual), None
+        return models.build_model(args.model, objectives.get(args.loss).outputs, args.zero_init_residual), None
     if env.active and not env.main:
         dist.barrier()  # rank 0 downloads into the hub cache first
     torch.manual_seed(args.seed)  # the new fc head is the same on every rank and every run
-    model, source = models.load_pretrained(args.model, NUM_GRADES, args.weights, args.zero_init_residual,
+    model, source = models.load_pretrained(args.model, objectives.get(args.loss).outputs, args.weights,
+                                           args.zero_init_residual,
                                            progress=env.main)
     if env.active and env.main:
         dist.barrier()
@@ -340,6 +400,7 @@ class Training:
     autocast_ctx: object
     amp_dtype: torch.dtype | None
     pretrained_source: str | None
+    select: str = "acc"  # --select: the metric that chooses best.pt
 
 
 def build_training(args, fundus: dataloader.FundusData, env: Dist, device: torch.device, log) -> Training:
@@ -360,10 +421,11 @@ def build_training(args, fundus: dataloader.FundusData, env: Dist, device: torch
         raw_model, model, eval_model, loaders, optimizer,
         optimisation.build_scheduler(optimizer, args.schedule, args.warmup_epochs, args.epochs, steps_per_epoch),
         torch.amp.GradScaler(device.type, enabled=fp16_scaling),
-        optimisation.build_criterion(fundus.train.grades, args.class_weighted, args.label_smoothing, device),
+        optimisation.build_criterion(fundus.train.grades, args.class_weighted, args.label_smoothing, device,
+                                     objectives.get(args.loss)),
         dataloader.BatchTransform(device, augment=not args.no_augment, channels_last=args.channels_last),
         dataloader.BatchTransform(device, augment=False, channels_last=args.channels_last),
-        autocast(device, amp_dtype), amp_dtype, source)
+        autocast(device, amp_dtype), amp_dtype, source, args.select)
 
 
 @dataclass
@@ -384,7 +446,8 @@ def resume(args, checkpoint: dict, training: Training, log) -> Progress:
     training.pretrained_source = checkpoint.get("pretrained_source")
     done = Progress(checkpoint["history"], checkpoint["best_metric"], checkpoint["best_epoch"], checkpoint["epoch"],
                     checkpoint.get("best_weights_digest"))
-    log(f"resumed {args.resume} at epoch {done.epochs_done} (best {done.best_metric:.2%} at epoch {done.best_epoch})")
+    log(f"resumed {args.resume} at epoch {done.epochs_done} (best {metric_text(checkpoint.get('best_metric_name'), done.best_metric)} "
+        f"at epoch {done.best_epoch})")
     return done
 
 
@@ -404,7 +467,7 @@ def environment(device: torch.device, env: Dist) -> dict:
 
 
 def epoch_line(row: dict, epochs: int, best: bool) -> str:
-    val = f" | val acc {row['val_acc']:6.2%}" if "val_acc" in row else ""
+    val = f" | val acc {row['val_acc']:6.2%} kappa {row['val_kappa']:.3f}" if "val_acc" in row else ""
     return (f"epoch {row['epoch']:>3}/{epochs} | train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2%} | "
             f"test loss {row['test_loss']:.4f} acc {row['test_acc']:6.2%} kappa {row['test_kappa']:.3f}{val} | "
             f"lr {row['lr']:.2e} | {row['seconds']:.1f}s {row['images_per_s']:.1f} img/s" + (" | best" if best else ""))
@@ -621,6 +684,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(args, resumed: dict | None, env: Dist, device: torch.device, stop: StopRequest, log) -> None:
     """The whole run: data, model and optimiser, a resume if asked for, then the epochs."""
+    if args.two_eye:
+        return run_two_eye(args, resumed, env, device, stop, log)
     if resumed is None:
         fundus = dataloader.load_fundus_data(args.data_root, args.image_dir, args.test_fraction,
                                              args.val_fraction, args.split_seed, log=log, layout=args.layout)
@@ -664,8 +729,119 @@ def run(args, resumed: dict | None, env: Dist, device: torch.device, stop: StopR
                 f"{shlex.quote(str(last))}" if done.epochs_done else "no epoch had finished, so no checkpoint")
         log(f"{stopped}; {held}")
         sys.exit(128 + stop.signum)
-    log(f"done: best {select(training)} {done.best_metric:.2%} at epoch {done.best_epoch}; {run_dir}/best.pt, "
+    log(f"done: best {select(training)} {metric_text(select(training), done.best_metric)} at epoch {done.best_epoch}; "
+        f"{run_dir}/best.pt, "
         f"{args.log_dir}/{args.run_name}.csv")
+
+
+# --------------------------------------------------------------------------- the two-eye stage
+def run_two_eye(args, resumed: dict | None, env: Dist, device: torch.device, stop: StopRequest, log) -> None:
+    """The two-eye stage (twoeye.py): the encoder's features of every photo, once (cached in the run folder),
+    then epochs of the small head over them, logged, checkpointed and resumed as an image run's epochs."""
+    if env.active:
+        raise UserError("--two-eye trains a small head on cached features in seconds; run it without torchrun")
+    encoder_path = input_file("--two-eye", args.two_eye)
+    encoder_checkpoint = load_checkpoint(encoder_path, "--two-eye")
+    twoeye.check_encoder(encoder_checkpoint, encoder_path)
+    fundus = two_eye_data(args, resumed, encoder_checkpoint, log)
+    partners = {split: twoeye.partner_index(table.names) for split, table in fundus.splits().items()}
+    twoeye.assert_pairs(partners["train"], f"the training split of {fundus.dataset or fundus.root}")
+    log("two-eye: " + " | ".join(f"{split} {c['eyes']} eyes, {c['with_partner']} with their partner, {c['alone']} "
+                                 "alone" for split, c in ((s, twoeye.pair_counts(p)) for s, p in partners.items())))
+    encoder = evaluate.load_model(encoder_checkpoint, encoder_path, device)
+    features = cached_features(args, encoder_checkpoint, encoder, fundus, device, log)
+    objective = objectives.of(encoder_checkpoint)
+    torch.manual_seed(args.seed)
+    head = twoeye.build_head(encoder.cpu(), features["train"][torch.isfinite(features["train"]).all(1)])
+    criterion = optimisation.build_criterion(fundus.train.grades, args.class_weighted, args.label_smoothing, CPU,
+                                             objective)
+    optimizer = optimisation.build_optimizer(args.optimizer, head, args.lr, args.momentum, args.weight_decay)
+    scheduler = optimisation.build_scheduler(optimizer, args.schedule, args.warmup_epochs, args.epochs,
+                                             math.ceil(len(fundus.train) / args.batch_size))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)  # the head trains in fp32: the checkpoint keeps the format
+    done = Progress()
+    if resumed:
+        head.load_state_dict(resumed["two_eye"]["head"])
+        restore_training(resumed, optimizer, scheduler, scaler)
+        done = Progress(resumed["history"], resumed["best_metric"], resumed["best_epoch"], resumed["epoch"],
+                        resumed.get("best_weights_digest"))
+        log(f"resumed {args.resume} at epoch {done.epochs_done}")
+    run_dir, env_info = Path(args.checkpoint_dir) / args.run_name, environment(device, env)
+    if resumed:
+        repair_outputs(resumed, run_dir, Path(args.log_dir), env_info, log)
+    grades = {split: torch.as_tensor(table.grades) for split, table in fundus.splits().items()}
+    partner = {split: torch.as_tensor(p) for split, p in partners.items()}
+    selected = f"{'val' if fundus.val is not None else 'test'}_{args.select}"
+    record = {"checkpoint": str(encoder_path.absolute()), "run_name": encoder_checkpoint["config"].get("run_name"),
+              "weights_digest": checkpoint_digest(encoder_checkpoint),
+              "pairs": {split: twoeye.pair_counts(p) for split, p in partners.items()}}
+    log(f"run {args.run_name}: two-eye head over {args.model} features ({head.own.in_features} per eye), "
+        f"objective {objective.name}, on the CPU")
+    for epoch in range(done.epochs_done + 1, args.epochs + 1):
+        stats = twoeye.train_epoch(head, features["train"], partner["train"], grades["train"], criterion, optimizer,
+                                   scheduler, args.batch_size, args.seed * 1_000_003 + epoch * 1009,
+                                   augment=not args.no_augment)
+        results = {split: evaluate.split_numbers(twoeye.summaries(head, features[split], partner[split], objective),
+                                                 grades[split], objective)
+                   for split in fundus.splits() if split != "train"}
+        log_epoch(args, done, epoch, stats, results, selected, log)
+        extra = {"two_eye": {"head": head.state_dict(), "features": head.own.in_features, "hidden": twoeye.HIDDEN,
+                             "encoder": record}}
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}
+        write_checkpoint(args, encoder_checkpoint["model"], state, done, selected, fundus.record(), env_info,
+                         encoder_checkpoint.get("pretrained_source"), extra)
+        if stop(True):
+            log(f"stopped after epoch {epoch}; resume with: python train.py --resume "
+                f"{shlex.quote(str(run_dir / 'last.pt'))}")
+            sys.exit(128 + stop.signum)
+    log(f"done: best {selected} {metric_text(selected, done.best_metric)} at epoch {done.best_epoch}; "
+        f"{run_dir}/best.pt, {args.log_dir}/{args.run_name}.csv")
+
+
+def two_eye_data(args, resumed: dict | None, encoder: dict, log) -> dataloader.FundusData:
+    """The two-eye run's data: its own record when resumed, --data-root when typed (split by the encoder's
+    flags), else the encoder's own data and splits, so that its validation split stays out of training."""
+    if resumed is not None:
+        return dataloader.load_run_data(resumed["config"], resumed.get("data", {}), args.data_root, args.image_dir,
+                                        log=log)
+    if args.data_root is not None:
+        fundus = dataloader.load_fundus_data(args.data_root, args.image_dir, args.test_fraction, args.val_fraction,
+                                             args.split_seed, log=log, layout=args.layout)
+    else:
+        fundus = dataloader.load_run_data(encoder["config"], encoder.get("data", {}), image_dir=args.image_dir, log=log)
+    dataloader.check_no_shared_photos(fundus)
+    return fundus
+
+
+def cached_features(args, encoder_checkpoint: dict, encoder: nn.Module, fundus: dataloader.FundusData,
+                    device: torch.device, log) -> dict:
+    """Every split's encoder features, read from <run dir>/features.pt when it holds these very ones (the
+    encoder's weights, the splits' names and grades, the size), else computed once and written there."""
+    path = Path(args.checkpoint_dir) / args.run_name / "features.pt"
+    key = {"encoder": checkpoint_digest(encoder_checkpoint), "image_size": args.image_size,
+           "splits": {split: table.digest() for split, table in fundus.splits().items()}}
+    if path.is_file():
+        cached = torch.load(path, weights_only=True)
+        if cached.get("key") == key:
+            log(f"two-eye: encoder features from {path}")
+            return cached["features"]
+    start = time.perf_counter()
+    config = encoder_checkpoint["config"]
+    amp_dtype, _ = precision(config.get("amp"), device)
+    transform = dataloader.BatchTransform(device, augment=False, channels_last=config.get("channels_last", True))
+    workers = args.workers if args.workers is not None else dataloader.default_workers()
+    features = {}
+    for split, table in fundus.splits().items():
+        dataset = dataloader.FundusDataset(table, args.image_size, args.skip_bad_images,
+                                           evaluate.trained_on_ben_graham(encoder_checkpoint))
+        loader = dataloader.build_loader(dataset, 2 * args.batch_size, dataloader.ShardSampler(len(table)), workers,
+                                         device)
+        features[split] = twoeye.compute_features(encoder, loader, transform, autocast(device, amp_dtype),
+                                                  f"features {split}", not args.quiet)
+    save_atomic({"key": key, "features": features}, path)
+    log(f"two-eye: encoder features of {sum(len(f) for f in features.values())} photos in "
+        f"{time.perf_counter() - start:.1f}s, cached in {path}")
+    return features
 
 
 def split_columns(split: str, result: dict) -> dict:
@@ -673,22 +849,37 @@ def split_columns(split: str, result: dict) -> dict:
 
 
 def save_epoch(args, training: Training, done: Progress, data_info: dict, env_info: dict) -> None:
-    state_dict = training.raw_model.state_dict()
-    if done.best_epoch == done.epochs_done:
-        done.best_weights_digest = weights_digest(state_dict)
-    best = {"best_epoch": done.best_epoch, "best_metric": done.best_metric, "best_metric_name": select(training),
-            "best_weights_digest": done.best_weights_digest}
     state = {"optimizer": training.optimizer.state_dict(), "scheduler": training.scheduler.state_dict(),
              "scaler": training.scaler.state_dict()}
+    write_checkpoint(args, training.raw_model.state_dict(), state, done, select(training), data_info, env_info,
+                     training.pretrained_source)
+
+
+def write_checkpoint(args, state_dict: dict, state: dict, done: Progress, selected: str, data_info: dict,
+                     env_info: dict, pretrained_source: str | None, extra: dict | None = None) -> None:
+    """The epoch's checkpoint (`extra`: the two-eye stage's head and encoder record) and logs, best.pt too when
+    the epoch is the best; the best weights' digest covers everything that grades (runtime.checkpoint_digest)."""
+    best = {"best_epoch": done.best_epoch, "best_metric": done.best_metric, "best_metric_name": selected,
+            "best_weights_digest": done.best_weights_digest}
     checkpoint = make_checkpoint(state_dict, vars(args), data_info, done.epochs_done,
-                                 done.history, best, state, training.pretrained_source)
+                                 done.history, best, state, pretrained_source)
+    checkpoint.update(extra or {})
+    if done.best_epoch == done.epochs_done:
+        done.best_weights_digest = checkpoint["best_weights_digest"] = checkpoint_digest(checkpoint)
     write_epoch(checkpoint, done.best_epoch == done.epochs_done, Path(args.checkpoint_dir) / args.run_name,
                 Path(args.log_dir), env_info)
 
 
+def metric_text(name: str | None, value: float) -> str:
+    """A selection metric as the epoch lines print it: accuracy in per cent, kappa as a number."""
+    return f"{value:.3f}" if str(name).endswith("kappa") else f"{value:.2%}"
+
+
 def select(training: Training) -> str:
-    """The accuracy that chooses best.pt: validation when the run holds a validation split out."""
-    return "val_acc" if "val" in training.loaders else "test_acc"
+    """The column that chooses best.pt (--select: accuracy or kappa), of the validation split when the run
+    holds one out, else of the test split."""
+    split = "val" if "val" in training.loaders else "test"
+    return f"{split}_{training.select}"
 
 
 def train_epoch(args, training: Training, done: Progress, epoch: int, env: Dist, stop: StopRequest, log) -> None:
@@ -705,8 +896,14 @@ def train_epoch(args, training: Training, done: Progress, epoch: int, env: Dist,
         for buffer in training.raw_model.buffers():
             dist.broadcast(buffer, 0)
     results = {split: evaluate.evaluate_split(training.eval_model, loader, training.eval_transform,
-                                              training.autocast_ctx, split, show)
+                                              training.autocast_ctx, training.criterion.objective, split, show)
                for split, loader in training.loaders.items() if split != "train"}
+    log_epoch(args, done, epoch, stats, results, select(training), log)
+
+
+def log_epoch(args, done: Progress, epoch: int, stats: dict, results: dict, selected: str, log) -> None:
+    """The epoch's row (training stats, each evaluated split) into `done`, the best epoch by `selected`, the
+    epoch line; the same for an image run and the two-eye stage."""
     row = {"epoch": epoch, "train_loss": stats["loss"], "train_acc": stats["acc"],
            **split_columns("test", results["test"]), "lr": stats["lr"], "seconds": stats["seconds"],
            "images_per_s": stats["images_per_s"], **(split_columns("val", results["val"]) if "val" in results else {}),
@@ -714,8 +911,8 @@ def train_epoch(args, training: Training, done: Progress, epoch: int, env: Dist,
     skipped = {"training": stats["skipped"], **{f"the {split} split": r["skipped"] for split, r in results.items()}}
     done.history.append(row)
     done.epochs_done = epoch
-    if row[select(training)] > done.best_metric:
-        done.best_metric, done.best_epoch = row[select(training)], epoch
+    if row[selected] > done.best_metric:
+        done.best_metric, done.best_epoch = row[selected], epoch
     log(epoch_line(row, args.epochs, done.best_epoch == epoch))
     if any(skipped.values()):
         log(f"skipped unreadable images in epoch {epoch} (--skip-bad-images): "

@@ -15,6 +15,7 @@ from PIL import Image
 import bench
 import dataloader
 import evaluate
+import objectives
 import export
 import layouts
 import metrics
@@ -210,7 +211,8 @@ def test_a_split_of_one_grade_is_said_once_in_words_without_a_warning(run, capsy
 
 def test_an_undefined_auc_interval_says_why(run):
     grades, probs = np.zeros(6, int), np.tile([0.9, 0.05, 0.03, 0.01, 0.01], (6, 1))
-    text = evaluate.clinical_report(metrics.clinical_metrics(grades, probs, [str(i) for i in range(6)], None))
+    numbers = objectives.OBJECTIVES["ce"].numbers(probs)
+    text = evaluate.clinical_report(metrics.clinical_metrics(grades, numbers, [str(i) for i in range(6)], None))
     first = text.splitlines()[0]
     assert "referable AUC undefined (one class only" in first and not first.endswith("referable AUC")
 

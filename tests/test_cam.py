@@ -8,6 +8,7 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 
 import evaluate
+import objectives
 import fundus
 import plot
 import synthetic
@@ -58,7 +59,7 @@ def test_grad_cam_peaks_inside_the_patch(tmp_path):
     with torch.no_grad():
         preds = model(x).argmax(1)
     assert (preds == 2).sum() >= 9, preds
-    cams = evaluate.grad_cam(model, x, torch.full((len(names),), 2))
+    cams = evaluate.grad_cam(model, x, torch.full((len(names),), 2), objectives.OBJECTIVES["ce"])
     assert cams.shape == (len(names), GRID * CELL, GRID * CELL) and cams.max() <= 1 + 1e-6
     hits = 0
     for name, cam in zip(names, cams):
@@ -135,7 +136,7 @@ def test_every_file_gets_a_row_and_cams_are_drawn_for_graded_photos_only(demo_ru
                    "--out", str(csv), "--workers", "0", "--quiet"])
     out = capsys.readouterr().out
     table = pd.read_csv(csv, keep_default_na=False)
-    assert list(table.columns) == ["path", "status", "reason", "quality", "grade", "confidence",
+    assert list(table.columns) == ["path", "status", "reason", "quality", "grade", "score", "confidence",
                                    "p0", "p1", "p2", "p3", "p4"]
     status = dict(zip(table["path"], table["status"]))
     assert [status[str(folder / f"{n}.jpeg")] for n in names] == ["graded"] * 3

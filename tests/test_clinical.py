@@ -10,8 +10,12 @@ from sklearn.metrics import cohen_kappa_score, roc_auc_score, roc_curve
 import dataloader
 import evaluate
 import metrics
+import objectives
 import plot
 import train
+
+
+CE = objectives.OBJECTIVES["ce"]
 
 
 # --------------------------------------------------------------------------- known answers
@@ -26,7 +30,7 @@ def test_auc_and_rates_worked_by_hand():
     grades = np.array([2, 3, 0, 1, 0])
     probs = one_hot_probs([0.9, 0.6, 0.7, 0.2, 0.1])
     probs[1] = [0.4, 0, 0, 0.6, 0]  # grade 3 carries its score
-    m = metrics.screening_metrics(grades, probs, 2, None, None)
+    m = metrics.screening_metrics(grades, probs.argmax(1), probs[:, 2:].sum(1), 2, None, None)
     assert m["auc"] == pytest.approx(5 / 6)
     assert m["auc"] == pytest.approx(roc_auc_score(grades >= 2, probs[:, 2:].sum(1)))
     # argmax calls: 0.9 -> grade 2 (TP), 0.6 -> grade 3 (TP), 0.7 -> grade 2 (FP), 0.2 and 0.1 -> grade 0 (TN)
@@ -80,8 +84,9 @@ def test_a_split_too_small_for_a_target_chooses_no_point_and_says_so(positives, 
         assert f"the val split has {negatives} negative cases" in unset["high_specificity"]
         assert "at least 50" in unset["high_specificity"]
     grades = np.where(positive, 2, 0)
-    m = metrics.clinical_metrics(grades, one_hot_probs(score), [str(i) for i in range(len(score))],
-                                 (grades, one_hot_probs(score), "val"))["referable"]
+    numbers = CE.numbers(one_hot_probs(score))
+    m = metrics.clinical_metrics(grades, numbers, [str(i) for i in range(len(score))],
+                                 (grades, numbers, "val"))["referable"]
     assert m["operating_points_unset"] == unset and set(m["operating_points"] or {}) == set(chosen)
 
 
@@ -126,10 +131,10 @@ def test_bootstrap_resamples_patients_not_images():
     probs = np.zeros((100, 5))
     probs[:50, 0] = 1
     probs[50:, 1] = 1
-    ci = metrics.bootstrap_intervals(patients, grades, probs)
+    ci = metrics.bootstrap_intervals(patients, grades, probs.argmax(1), probs[:, 2:].sum(1))
     assert ci["accuracy"] == [0.0, 1.0]
-    assert metrics.bootstrap_intervals(names, grades, probs)["accuracy"][1] < 0.7  # as separate patients
-    assert metrics.bootstrap_intervals(patients, grades, probs) == ci  # fixed seed
+    assert metrics.bootstrap_intervals(names, grades, probs.argmax(1), probs[:, 2:].sum(1))["accuracy"][1] < 0.7
+    assert metrics.bootstrap_intervals(patients, grades, probs.argmax(1), probs[:, 2:].sum(1)) == ci  # fixed seed
 
 
 # --------------------------------------------------------------------------- a run, evaluated
@@ -153,10 +158,11 @@ def test_every_number_follows_from_the_predictions_files(val_run):
     test = pd.read_csv(result["predictions"], dtype={"image": str})
     val = pd.read_csv(result["reference_predictions"], dtype={"image": str})
     fundus = dataloader.load_fundus_data(root, val_fraction=0.3)
-    assert list(test.columns) == ["image", "grade", "pred", "p0", "p1", "p2", "p3", "p4"]
+    assert list(test.columns) == ["image", "grade", "pred", "score", "p0", "p1", "p2", "p3", "p4"]
     assert test["image"].tolist() == fundus.test.names and val["image"].tolist() == fundus.val.names
     probs, grades = test[[f"p{g}" for g in range(5)]].to_numpy(), test["grade"].to_numpy()
     assert (test["pred"] == probs.argmax(1)).all()
+    np.testing.assert_allclose(test["score"], probs @ np.arange(5), atol=2e-6)
     assert result["accuracy"] == pytest.approx((test["pred"] == grades).mean())
     assert result["kappa"] == pytest.approx(cohen_kappa_score(grades, test["pred"], weights="quadratic"))
     for task, grade in (("referable", 2), ("vision_threatening", 3)):
@@ -189,7 +195,7 @@ def test_every_number_follows_from_the_predictions_files(val_run):
               for b in range(15) if (bins == b).any())
     assert result["ece"] == pytest.approx(ece)
     patients = [dataloader.patient_id(n) for n in test["image"]]
-    again = metrics.bootstrap_intervals(patients, grades, probs)
+    again = metrics.bootstrap_intervals(patients, grades, probs.argmax(1), probs[:, 2:].sum(1))
     for name in ("accuracy", "kappa", "referable_auc"):
         assert result["ci95"][name] == pytest.approx(again[name])
     assert result["ci95"]["accuracy"][0] <= result["accuracy"] <= result["ci95"]["accuracy"][1]
@@ -228,5 +234,5 @@ def test_plot_draws_roc_and_reliability_and_the_summary_columns(val_run, tmp_pat
     assert sum("point (chosen on val)" in label for label in labels) == chosen
     plot.plt.close(fig)
     summary = (tmp_path / "figures" / "summary.md").read_text()
-    assert "| referable AUC | referable sens / spec (%) | tuned kappa |" in summary
+    assert "| referable AUC | referable sens / spec (%) | patient referable AUC | tuned kappa |" in summary
     assert f"| {result['referable']['auc']:.3f} |" in summary and f"| {result['kappa_tuned']:.3f} |" in summary

@@ -12,6 +12,7 @@ from PIL import Image
 
 import dataloader
 import evaluate
+import objectives
 import fundus
 import layouts
 import plot
@@ -405,7 +406,7 @@ def test_raw_photos_are_evaluated_as_crops_of_the_eye(ddr_run):
     model, transform, ctx = evaluate.inference_setup(checkpoint, "oracle", torch.device("cpu"))
     crops = torch.stack([torch.from_numpy(np.asarray(fundus.crop_eye(Image.open(p).convert("RGB"), 32)))
                          .permute(2, 0, 1) for p in table.paths])
-    expected = evaluate.softmax_over_views(model, transform(crops), ctx, tta=False).numpy()
+    expected = evaluate.summaries_over_views(model, transform(crops), ctx, False, objectives.OBJECTIVES["ce"]).numpy()
     np.testing.assert_allclose(probs, expected, atol=1e-4)
 
 

@@ -11,6 +11,7 @@ from sklearn.metrics import accuracy_score, cohen_kappa_score, confusion_matrix,
 
 import dataloader
 import evaluate
+import objectives
 import metrics
 import runtime
 import train
@@ -132,6 +133,7 @@ def test_missing_checkpoint(tmp_path, capsys):
 
 
 def test_tta_averages_the_softmax_of_all_eight_views():
+    ce = objectives.OBJECTIVES["ce"]
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 6 * 6, 5)).eval()
     x = torch.randn(2, 3, 6, 6)
@@ -139,5 +141,5 @@ def test_tta_averages_the_softmax_of_all_eight_views():
              for k in range(4) for f in (0, 1)]
     expected = torch.stack([torch.softmax(model(v), 1) for v in views]).mean(0)
     ctx = runtime.autocast(torch.device("cpu"), None)
-    assert torch.allclose(evaluate.softmax_over_views(model, x, ctx, tta=True), expected, atol=1e-6)
-    assert torch.allclose(evaluate.softmax_over_views(model, x, ctx, tta=False), torch.softmax(model(x), 1), atol=1e-6)
+    assert torch.allclose(evaluate.summaries_over_views(model, x, ctx, True, ce), expected, atol=1e-6)
+    assert torch.allclose(evaluate.summaries_over_views(model, x, ctx, False, ce), torch.softmax(model(x), 1), atol=1e-6)

@@ -23,6 +23,7 @@ import deploy  # noqa: E402
 import evaluate  # noqa: E402
 import export  # noqa: E402
 import models  # noqa: E402
+import objectives  # noqa: E402
 import plot  # noqa: E402
 import train  # noqa: E402
 
@@ -129,11 +130,11 @@ def test_export_refuses_a_file_that_grades_otherwise_and_leaves_nothing(run, tmp
     out, root, ckpt = run
     real = deploy.export_fp32
 
-    def off_by_a_little(model, size):  # a wrong weight: what a broken export or preprocessing looks like
+    def off_by_a_little(model, size, objective):  # a wrong weight: what a broken export or preprocessing looks like
         with torch.no_grad():
             model.fc.bias[0] += 0.05
         try:
-            return real(model, size)
+            return real(model, size, objective)
         finally:
             with torch.no_grad():
                 model.fc.bias[0] -= 0.05
@@ -242,7 +243,7 @@ def test_int8_is_checked_on_the_test_metrics(run, tmp_path, monkeypatch):
     monkeypatch.setattr(export, "MAX_METRIC_LOSS", -1.0)
     graders = [evaluate.OnnxGrader(deploy.session(str(f))) for f in (ckpt.with_suffix(".onnx"), target)]
     with pytest.raises(export.RunFailed, match="no file written"):
-        export.check_int8(*graders, [(images, torch.from_numpy(grades))])
+        export.check_int8(*graders, [(images, torch.from_numpy(grades))], objectives.OBJECTIVES["ce"])
 
 
 def readme_snippet(repo_root) -> str:

@@ -82,7 +82,8 @@ def test_plot_leaves_out_an_evaluation_of_another_checkpoint(ws, tmp_path, capsy
     old = json.loads(stale["r2_eval.json"])
     cells = [c.strip() for c in row.strip("|").split("|")]
     # the new run's test kappa from its own log, none of the old checkpoint's numbers
-    assert cells[7] == f"{history['test_kappa']:.3f}" and cells[8] == "-" and cells[9] == "-"
+    assert cells[3] == "ce"  # the objective column
+    assert cells[8] == f"{history['test_kappa']:.3f}" and cells[9] == "-" and cells[10] == "-"
     assert old["macro_f1"] is not None
     assert not (tmp_path / "confusion_r2.png").exists() and not (tmp_path / "cams_r2.png").exists()
 
@@ -127,9 +128,9 @@ def test_a_training_split_evaluation_gets_a_row_of_its_own(ws, tmp_path):
     summary = (tmp_path / "figures" / "summary.md").read_text().splitlines()
     train_eval = read(logs / "r5_train_eval.json")
     run_row = [c.strip() for c in next(r for r in summary if r.startswith("| r5 |")).strip("|").split("|")]
-    assert run_row[5] == "test" and run_row[8] == "-"  # no training-split number beside the test accuracy
+    assert run_row[6] == "test" and run_row[9] == "-"  # no training-split number beside the test accuracy
     other = [c.strip() for c in next(r for r in summary if r.startswith("| r5 ") and "train" in r).strip("|").split("|")]
-    assert other[5] == "train" and other[7] == f"{train_eval['kappa']:.3f}"
+    assert other[6] == "train" and other[8] == f"{train_eval['kappa']:.3f}"
 
 
 def test_operating_points_in_the_report_never_cross_and_say_when_a_split_is_too_small(ws, capsys):

@@ -16,6 +16,7 @@ import torchvision
 import dataloader
 import models
 import optimisation
+import objectives
 import runtime
 import train
 
@@ -215,7 +216,7 @@ def one_epoch(model, batch_size, accum, samples):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     cpu = torch.device("cpu")
     return optimisation.train_one_epoch(model, loader, dataloader.BatchTransform(cpu, augment=False),
-                                        torch.nn.CrossEntropyLoss(), optimizer, scheduler,
+                                        optimisation.Criterion(objectives.OBJECTIVES["ce"]), optimizer, scheduler,
                                         torch.amp.GradScaler("cpu", enabled=False), runtime.autocast(cpu, None), 1,
                                         aug_seed=0, accum_steps=accum)
 
