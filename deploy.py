@@ -23,6 +23,8 @@ from runtime import UserError
 # exporter (torch.export based, the default since torch 2.9) writes natively, and onnxruntime 1.16+ runs it.
 OPSET = 18
 INPUT, OUTPUT = "images", "probabilities"
+# The two-eye model's further inputs: the partner's photo and whether it is one (twoeye.py)
+PARTNER_INPUTS = ("partner_images", "has_partner")
 ONNX_SUFFIX = ".onnx"
 INSTALL_HINT = "pip install -r requirements-deploy.txt"
 
@@ -55,8 +57,14 @@ class GradeSummaries(nn.Module):
         self.register_buffer("mean", torch.tensor(dataloader.IMAGENET_MEAN).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(dataloader.IMAGENET_STD).view(1, 3, 1, 1) * 255)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.objective.summarise(self.model((images.float() - self.mean) / self.std))
+    def forward(self, images: torch.Tensor, partner_images: torch.Tensor | None = None,
+                has_partner: torch.Tensor | None = None) -> torch.Tensor:
+        """images; for the two-eye model also partner_images (uint8, the same shape) and has_partner (float [N],
+        1 where partner_images holds the patient's other eye, 0 where the eye is graded alone)."""
+        normalise = lambda x: (x.float() - self.mean) / self.std  # noqa: E731
+        if partner_images is not None:
+            return self.objective.summarise(self.model(normalise(images), normalise(partner_images), has_partner))
+        return self.objective.summarise(self.model(normalise(images)))
 
 
 def output_name(objective: objectives.Objective) -> str:
@@ -64,7 +72,8 @@ def output_name(objective: objectives.Objective) -> str:
     return OUTPUT if objective.probabilities else "grade"
 
 
-def export_fp32(model: nn.Module, image_size: int, objective: objectives.Objective = objectives.OBJECTIVES["ce"]):
+def export_fp32(model: nn.Module, image_size: int, objective: objectives.Objective = objectives.OBJECTIVES["ce"],
+                two_eye: bool = False):
     """The model (eval mode, CPU, fp32) as an ONNX ModelProto with a dynamic batch, through torch's exporter
     (which folds BatchNorm into the convolutions)."""
     import contextlib
@@ -73,13 +82,18 @@ def export_fp32(model: nn.Module, image_size: int, objective: objectives.Objecti
 
     require("export")
     wrapped = GradeSummaries(model, objective).cpu().float().eval()
-    example = torch.zeros(2, 3, image_size, image_size, dtype=torch.uint8)
+    example = (torch.zeros(2, 3, image_size, image_size, dtype=torch.uint8),)
+    names = [INPUT]
+    if two_eye:
+        example += (example[0].clone(), torch.ones(2))
+        names += list(PARTNER_INPUTS)
+    batch = torch.export.Dim("batch")
     # the exporter narrates its steps on stdout and warns about its own internals; export.py prints the result
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(wrapped, (example,), dynamo=True, opset_version=OPSET, input_names=[INPUT],
+        program = torch.onnx.export(wrapped, example, dynamo=True, opset_version=OPSET, input_names=names,
                                     output_names=[output_name(objective)],
-                                    dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                    dynamic_shapes={name: {0: batch} for name in names},
                                     verbose=False)
     proto = program.model_proto
     # the exporter's intermediate shapes disagree with onnx's own inference in places (onnxruntime's quantiser
@@ -125,7 +139,7 @@ def quantise_static(proto, calibration: list[np.ndarray]):
 
         def get_next(self):
             batch = next(self.batches, None)
-            return None if batch is None else {INPUT: batch}
+            return None if batch is None else feed(batch)
 
     with tempfile.TemporaryDirectory(prefix="quantise-") as tmp:
         source, prepared, target = (Path(tmp) / name for name in ("fp32.onnx", "prepared.onnx", "int8.onnx"))
@@ -189,6 +203,17 @@ def session(model, threads: int | None = None):
         raise
 
 
-def run(sess, images: np.ndarray) -> np.ndarray:
-    """The file's output (the objective's summaries, float32 [N, 5] or [N, 1]) of a uint8 [N, 3, S, S] batch."""
-    return sess.run(None, {INPUT: np.ascontiguousarray(images, dtype=np.uint8)})[0]
+def feed(images) -> dict:
+    """The file's inputs: a uint8 [N, 3, S, S] batch, or for the two-eye model (eyes, partners, flags)."""
+    if isinstance(images, (tuple, list)):
+        eyes, partners, flags = images
+        return {INPUT: np.ascontiguousarray(eyes, dtype=np.uint8),
+                PARTNER_INPUTS[0]: np.ascontiguousarray(partners, dtype=np.uint8),
+                PARTNER_INPUTS[1]: np.ascontiguousarray(flags, dtype=np.float32)}
+    return {INPUT: np.ascontiguousarray(images, dtype=np.uint8)}
+
+
+def run(sess, images) -> np.ndarray:
+    """The file's output (the objective's summaries, float32 [N, 5] or [N, 1]) of a uint8 [N, 3, S, S] batch
+    (for the two-eye model: eyes, partners, flags)."""
+    return sess.run(None, feed(images))[0]

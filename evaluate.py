@@ -32,9 +32,10 @@ import layouts
 import metrics
 import models
 import objectives
+import twoeye
 from runtime import (GRADE_NAMES, OUTPUT_KINDS, Parser, UserError, autocast, check_output,
                      check_output_file, choose_device, device_name, exit_on_user_error, input_file, is_pretrained,
-                     load_checkpoint, memory_format, precision, progress, restore_model, weights_digest, worker_signals,
+                     load_checkpoint, memory_format, precision, progress, restore_model, checkpoint_digest, worker_signals,
                      write_text_atomic)
 
 GRADES = metrics.GRADES
@@ -109,6 +110,22 @@ class TorchGrader:
         return summaries_over_views(self.model, x, self.autocast_ctx, tta, self.objective).cpu()
 
 
+class TwoEyeGrader(TorchGrader):
+    """A two-eye checkpoint's model (twoeye.TwoEyeModel) behind the same interface: its batches are (eyes,
+    partners, partner flags) as twoeye.collate_pairs makes them; with tta each flip or turn is taken of both
+    photos together, and the summaries averaged."""
+
+    @torch.inference_mode()
+    def __call__(self, batch, tta: bool = False) -> torch.Tensor:
+        eyes, partners, flags = batch
+        x = self.transform(eyes.to(self.device, non_blocking=True))
+        y = self.transform(partners.to(self.device, non_blocking=True))
+        views = zip(dataloader.dihedral_views(x), dataloader.dihedral_views(y)) if tta else [(x, y)]
+        flags = flags.to(self.device)
+        with self.autocast_ctx:
+            return torch.stack([self.objective.summarise(self.model(a, b, flags)) for a, b in views]).mean(0).cpu()
+
+
 class OnnxGrader:
     """An exported file (export.py) in onnxruntime on the CPU, behind the same interface as TorchGrader: the
     file outputs the objective's summaries. The normalisation is inside the file; the flips and quarter turns
@@ -119,7 +136,13 @@ class OnnxGrader:
     def __init__(self, session):
         self.session = session
 
-    def __call__(self, images: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    def __call__(self, images, tta: bool = False) -> torch.Tensor:
+        if isinstance(images, (tuple, list)):  # a two-eye file: (eyes, partners, flags), both photos turned alike
+            eyes, partners, flags = images
+            views = (zip(dataloader.dihedral_views(eyes), dataloader.dihedral_views(partners)) if tta
+                     else [(eyes, partners)])
+            return torch.stack([torch.from_numpy(deploy.run(self.session, (a.numpy(), b.numpy(), flags.numpy())))
+                                for a, b in views]).mean(0)
         views = dataloader.dihedral_views(images) if tta else [images]
         return torch.stack([torch.from_numpy(deploy.run(self.session, v.numpy())) for v in views]).mean(0)
 
@@ -198,9 +221,12 @@ def format_report(metrics: dict) -> str:
 
 # --------------------------------------------------------------------------- model and data
 def load_model(checkpoint: dict, path, device: torch.device) -> torch.nn.Module:
-    """The checkpoint's architecture with its weights, in eval mode; a mismatch is one sentence."""
+    """The checkpoint's architecture with its weights, in eval mode (a two-eye checkpoint's: its encoder and
+    head, twoeye.TwoEyeModel); a mismatch is one sentence."""
     model = models.build_model(checkpoint["arch"], objectives.of(checkpoint).outputs)
     restore_model(model, checkpoint, path)
+    if twoeye.is_two_eye(checkpoint):
+        model = twoeye.TwoEyeModel(model, twoeye.head_of(checkpoint, path))
     channels_last = checkpoint["config"].get("channels_last", True)
     return model.to(device, memory_format=memory_format(channels_last)).eval()
 
@@ -236,7 +262,8 @@ def make_grader(checkpoint: dict, source, device: torch.device):
     """The model of a checkpoint (in PyTorch, as the run used it) or of an exported file (in onnxruntime)."""
     if EXPORTED in checkpoint:
         return OnnxGrader(deploy.session(checkpoint[EXPORTED]["path"]))
-    return TorchGrader(*inference_setup(checkpoint, source, device), objectives.of(checkpoint))
+    kind = TwoEyeGrader if twoeye.is_two_eye(checkpoint) else TorchGrader
+    return kind(*inference_setup(checkpoint, source, device), objectives.of(checkpoint))
 
 
 def model_label(checkpoint: dict) -> str:
@@ -251,10 +278,13 @@ def model_label(checkpoint: dict) -> str:
 COST_REPEATS, COST_SECONDS, COST_BATCHES = 3, 2.0, (1, 32)
 
 
-def ms_per_image(grader, batch: int, size: int) -> float:
-    """Milliseconds per image of the grader on a random uint8 batch (the median of a few calls, after one)."""
+def ms_per_image(grader, batch: int, size: int, two_eye: bool = False) -> float:
+    """Milliseconds per image of the grader on a random uint8 batch (the median of a few calls, after one); for
+    the two-eye model each image with a partner photo (the cost of grading one eye, its partner read too)."""
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
+    if two_eye:
+        images = (images, images.flip(0), torch.ones(batch))
     grader(images)  # warm-up: first-call allocations, kernel choice
     times = []
     while not times or (len(times) < COST_REPEATS and sum(times) < COST_SECONDS):
@@ -269,7 +299,8 @@ def cost_of_a_grade(checkpoint: dict, path, device: torch.device) -> dict:
     grader = make_grader(checkpoint, path, device)
     parameters = (checkpoint[EXPORTED]["parameters"] if EXPORTED in checkpoint
                   else sum(p.numel() for p in grader.model.parameters()))
-    return {**{f"ms_per_image_batch{b}": round(ms_per_image(grader, b, checkpoint["image_size"]), 3)
+    return {**{f"ms_per_image_batch{b}": round(ms_per_image(grader, b, checkpoint["image_size"],
+                                                            twoeye.is_two_eye(checkpoint)), 3)
                for b in COST_BATCHES},
             "parameters": parameters, "file_mb": round(Path(path).stat().st_size / 1e6, 2),
             "device": device_name(CPU if EXPORTED in checkpoint else device), "runtime": grader.runtime,
@@ -333,7 +364,10 @@ def predict_table(checkpoint: dict, table: dataloader.FundusTable, device: torch
     skipped as unreadable with the run's --skip-bad-images)."""
     grader = make_grader(checkpoint, table.source, device)
     dataset = run_dataset(checkpoint, table, checkpoint["config"].get("skip_bad_images", False))
-    loader = dataloader.build_loader(dataset, batch_size, dataloader.ShardSampler(len(dataset)), workers, device)
+    if twoeye.is_two_eye(checkpoint):  # each eye with its partner's photo
+        loader = twoeye.pair_loader(dataset, twoeye.partner_index(table.names), batch_size, workers, device)
+    else:
+        loader = dataloader.build_loader(dataset, batch_size, dataloader.ShardSampler(len(dataset)), workers, device)
     summaries, grades = predict_with(grader, loader, tta=tta, desc="evaluate", show=show)
     summaries = summaries.numpy().astype(np.float64)
     summaries[grades.numpy() < 0] = np.nan
@@ -471,18 +505,29 @@ def collate_photos(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[str], 
     return images, index, [item[2] for item in batch], [item[3] for item in batch], [item[4] for item in batch]
 
 
-def grad_cam(model: torch.nn.Module, x: torch.Tensor, grade: torch.Tensor,
-             objective: objectives.Objective) -> torch.Tensor:
+def grad_cam(model: torch.nn.Module, x: torch.Tensor, grade: torch.Tensor, objective: objectives.Objective,
+             partner: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Grad-CAM (Selvaraju et al. 2017) of the last residual stage for the objective's signal of the predicted
     `grade` (objectives.Objective.cam_signal: the grade's logit, or the regressed or expected grade), upsampled
-    to the input and scaled to [0, 1] per image: captum's LayerGradCam, the PyTorch project's own."""
+    to the input and scaled to [0, 1] per image: captum's LayerGradCam, the PyTorch project's own. For the
+    two-eye model, `partner` is (partner batch, flags): the partner's features held fixed, the map is of the eye."""
     from captum.attr import LayerAttribution, LayerGradCam
 
-    def signal(inputs):
-        return objective.cam_signal(model(inputs), grade)
+    if partner is None:
+        def signal(inputs):
+            return objective.cam_signal(model(inputs), grade)
+        layer = model.layer4
+    else:
+        with torch.no_grad():
+            partner_features = model.encoder.features(partner[0].float())
+
+        def signal(inputs):
+            return objective.cam_signal(model.head(model.encoder.features(inputs), partner_features, partner[1]),
+                                        grade)
+        layer = model.encoder.layer4
 
     with torch.enable_grad():
-        cam = LayerGradCam(signal, model.layer4).attribute(x.float(), target=0, relu_attributions=True)
+        cam = LayerGradCam(signal, layer).attribute(x.float(), target=0, relu_attributions=True)
     cam = LayerAttribution.interpolate(cam.detach(), tuple(x.shape[-2:]), interpolate_mode="bilinear")[:, 0]
     return cam / cam.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
 
@@ -505,30 +550,55 @@ def predict_photos(checkpoint: dict, paths: list[Path], device: torch.device, ba
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          collate_fn=collate_photos, worker_init_fn=worker_signals)
     outputs = cam_outputs(paths, cam_dir) if cam_dir is not None else None
-    rows = {}
+    rows, held = {}, {}
+    two_eye = twoeye.is_two_eye(checkpoint)
     for images, index, statuses, reasons, scores in progress(loader, len(loader), "grade", show):
         for i, status, reason, score in zip(index.tolist(), statuses, reasons, scores):
             rows[i] = {"path": str(paths[i]), "status": status, "reason": reason, "quality": score}
         graded = torch.tensor([status == GRADED for status in statuses])
         if not graded.any():
             continue
-        images, index = images[graded], index[graded]
-        numbers = objective.numbers(grader(images, tta).numpy())
-        grades = numbers["grade"]
-        confidence = (numbers["probs"][np.arange(len(grades)), grades] if objective.probabilities
-                      else np.full(len(grades), np.nan))
-        if outputs is not None:  # a TorchGrader: check_args refuses --cam for an exported file
-            x = grader.transform(images.to(device, non_blocking=True))
-            cams = grad_cam(grader.model, x, torch.as_tensor(grades).to(device), objective).cpu()
-            for j, i in enumerate(index.tolist()):
-                save_cam(paths[i], images[j], cams[j], int(grades[j]), float(confidence[j]),
-                         float(numbers["score"][j]), *outputs[i])
-        for j, i in enumerate(index.tolist()):
-            rows[i].update(grade=int(grades[j]), score=float(numbers["score"][j]), confidence=float(confidence[j]),
-                           **{f"p{g}": float(numbers["probs"][j, g]) if objective.probabilities else np.nan
-                              for g in GRADES})
-    table = pd.DataFrame([rows[i] for i in range(len(paths))], columns=PHOTO_COLUMNS)
+        if two_eye:  # the partner may come in a later batch: every graded photo is held, then paired
+            held.update(zip(index[graded].tolist(), images[graded]))
+            continue
+        grade_photos_batch(grader, objective, images[graded], index[graded].tolist(), None, tta, paths, outputs, rows)
+    if two_eye:
+        order = sorted(held)
+        partner = twoeye.partner_index([paths[i].stem for i in order])
+        for begin in range(0, len(order), batch_size):
+            chunk = range(begin, min(begin + batch_size, len(order)))
+            eyes = torch.stack([held[order[k]] for k in chunk])
+            mates = torch.stack([held[order[partner[k]]] if partner[k] >= 0 else held[order[k]] for k in chunk])
+            flags = torch.tensor([float(partner[k] >= 0) for k in chunk])
+            grade_photos_batch(grader, objective, eyes, [order[k] for k in chunk], (mates, flags), tta, paths,
+                               outputs, rows)
+            for k in chunk:
+                rows[order[k]]["partner"] = str(paths[order[partner[k]]]) if partner[k] >= 0 else ""
+    table = pd.DataFrame([rows[i] for i in range(len(paths))], columns=PHOTO_COLUMNS + (["partner"] if two_eye else []))
     return table.astype({"grade": "Int64"})
+
+
+def grade_photos_batch(grader, objective: objectives.Objective, images: torch.Tensor, index: list[int],
+                       partners: tuple[torch.Tensor, torch.Tensor] | None, tta: bool, paths: list[Path], outputs,
+                       rows: dict) -> None:
+    """Grade a batch of gradable photos (with their partners' photos and flags, for the two-eye model), draw their
+    Grad-CAMs when asked, and fill their rows."""
+    device = getattr(grader, "device", CPU)
+    numbers = objective.numbers(grader(images if partners is None else (images, *partners), tta).numpy())
+    grades = numbers["grade"]
+    confidence = (numbers["probs"][np.arange(len(grades)), grades] if objective.probabilities
+                  else np.full(len(grades), np.nan))
+    if outputs is not None:  # a TorchGrader: check_args refuses --cam for an exported file
+        x = grader.transform(images.to(device, non_blocking=True))
+        mate = None if partners is None else (grader.transform(partners[0].to(device)), partners[1].to(device))
+        cams = grad_cam(grader.model, x, torch.as_tensor(grades).to(device), objective, mate).cpu()
+        for j, i in enumerate(index):
+            save_cam(paths[i], images[j], cams[j], int(grades[j]), float(confidence[j]),
+                     float(numbers["score"][j]), *outputs[i])
+    for j, i in enumerate(index):
+        rows[i].update(grade=int(grades[j]), score=float(numbers["score"][j]), confidence=float(confidence[j]),
+                       **{f"p{g}": float(numbers["probs"][j, g]) if objective.probabilities else np.nan
+                          for g in GRADES})
 
 
 def cam_outputs(paths: list[Path], cam_dir: Path) -> list[tuple[Path | None, Path]]:
@@ -578,12 +648,21 @@ def cam_samples(checkpoint: dict, table: dataloader.FundusTable, per_grade: int,
     picks = np.concatenate([np.flatnonzero(table.grades == g)[:per_grade] for g in GRADES])
     model, transform, ctx = inference_setup(checkpoint, table.source, device)
     objective = objectives.of(checkpoint)
-    dataset = run_dataset(checkpoint, table.subset(picks, table.source))
-    images, grades = dataloader.collate_fundus([dataset[i] for i in range(len(dataset))])
+    dataset = run_dataset(checkpoint, table)
+    images, grades = dataloader.collate_fundus([dataset[i] for i in picks])
     x = transform(images.to(device))
-    numbers = objective.numbers(summaries_over_views(model, x, ctx, False, objective).cpu().numpy())
+    partner = None
+    if twoeye.is_two_eye(checkpoint):  # each pick with its partner's photo, as the split's evaluation has it
+        pairs = twoeye.PairDataset(dataset, twoeye.partner_index(table.names))
+        (_, mates, flags), _ = twoeye.collate_pairs([pairs[i] for i in picks])
+        partner = (transform(mates.to(device)), flags.to(device))
+        with torch.inference_mode(), ctx:
+            summaries = objective.summarise(model(x, *partner)).float().cpu()
+    else:
+        summaries = summaries_over_views(model, x, ctx, False, objective).cpu()
+    numbers = objective.numbers(summaries.numpy())
     preds = numbers["grade"]
-    cams = grad_cam(model, x, torch.as_tensor(preds).to(device), objective).cpu()
+    cams = grad_cam(model, x, torch.as_tensor(preds).to(device), objective, partner).cpu()
     # the contact sheet's number under each image: the grade's probability, or a regression's grade
     confidence = (numbers["probs"][np.arange(len(preds)), preds] if objective.probabilities else numbers["score"])
     return {"images": images.permute(0, 2, 3, 1).numpy(), "cams": cams.numpy().astype(np.float16),
@@ -605,13 +684,18 @@ def grade_photos(args, checkpoint: dict, device: torch.device, workers: int) -> 
             warning = f"\t(graded with --force: {row.reason})" if row.reason else ""
             said = (f"confidence {row.confidence:.1%}\tp0-p4 {probs}" if pd.notna(row.confidence)
                     else f"regressed grade {row.score:.2f}")
+            pair = ("" if "partner" not in table else
+                    f"\twith partner {row.partner}" if row.partner else "\talone (no partner photo graded)")
             print(f"{row.path}\tgraded\tgrade {row.grade} ({GRADE_NAMES[row.grade]})\t{said}\tquality "
-                  f"{row.quality:.2f}{warning}")
+                  f"{row.quality:.2f}{pair}{warning}")
         else:
             print(f"{row.path}\t{row.status}\t{row.reason}")
     counts = table["status"].value_counts()
     print(f"{len(table)} files: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in (GRADED, UNGRADABLE, UNREADABLE))
-          + ("" if args.force or not counts.get(UNGRADABLE) else "; --force grades ungradable photos anyway"))
+          + ("" if args.force or not counts.get(UNGRADABLE) else "; --force grades ungradable photos anyway")
+          + ("" if "partner" not in table else
+             f"; two-eye model: {int((table['partner'].fillna('') != '').sum())} graded with their partner, "
+             f"{int(((table['status'] == GRADED) & (table['partner'].fillna('') == '')).sum())} alone"))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(args.out, table.to_csv(index=False, float_format="%.6f"))
@@ -678,7 +762,8 @@ def evaluate_split_command(args, checkpoint: dict, device: torch.device, workers
     result = {"run_name": run_name, "arch": checkpoint["arch"], "pretrained": is_pretrained(checkpoint["config"]),
               "objective": objective.name,
               "checkpoint": str(args.checkpoint), "epoch": checkpoint["epoch"],
-              "weights_digest": checkpoint.get("weights_digest") or weights_digest(checkpoint["model"]),
+              "weights_digest": checkpoint.get("weights_digest") or checkpoint_digest(checkpoint),
+              "two_eye": two_eye_fields(checkpoint, table),
               "split": args.split,
               "data_digest": table.digest(), "num_images": len(predictions), "tta": args.tta,
               "predictions": str(outputs["predictions"]),
@@ -735,6 +820,16 @@ def split_outputs(args, checkpoint: dict, reported: str, reference, base: str, c
     return outputs  # their folders are made as each is written: a run refused later leaves none behind
 
 
+def two_eye_fields(checkpoint: dict, table: dataloader.FundusTable) -> dict | None:
+    """What an evaluation of the two-eye model records of it: its encoder, and how many eyes of the reported
+    images were graded with their partner and how many alone (None for a single-eye model)."""
+    if not twoeye.is_two_eye(checkpoint):
+        return None
+    encoder = checkpoint["two_eye"]["encoder"]
+    return {"encoder": encoder["checkpoint"], "encoder_weights_digest": encoder["weights_digest"],
+            **twoeye.pair_counts(twoeye.partner_index(table.names))}
+
+
 def clinical_report(result: dict) -> str:
     """The screening block of the printed report: a few lines with the numbers clinicians judge a grader by."""
     ci = result["ci95"]
@@ -758,6 +853,10 @@ def clinical_report(result: dict) -> str:
         for point, why in m.get("operating_points_unset", {}).items():
             lines.append(f"  {point.replace('_', '-')} point {why}")
     lines.append(patient_report(result))
+    if result.get("two_eye"):
+        pairs = result["two_eye"]
+        lines.append(f"two-eye model (encoder {pairs['encoder']}): {pairs['with_partner']} of {pairs['eyes']} eyes "
+                     f"graded with their partner, {pairs['alone']} alone")
     if result["thresholds"] is not None:
         lines.append(f"kappa-tuned grading (continuous grade cut at "
                      f"{', '.join(f'{t:.2f}' for t in result['thresholds'])}, tuned on {result['thresholds_from']}): "

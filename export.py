@@ -29,8 +29,10 @@ import deploy
 import evaluate  # the one path from pixels to grades: export is checked against the evaluation's own model
 import metrics
 import objectives
+import twoeye
 from runtime import (GRADE_NAMES, Parser, RunFailed, UserError, atomic_write, check_output, check_output_file,
-                     exit_on_user_error, input_file, load_checkpoint, weights_digest)
+                     checkpoint_digest, exit_on_user_error, input_file,
+                     load_checkpoint)
 
 # fp32: onnxruntime's kernels reorder sums, not their terms; 1e-6 is measured on ResNet18/50, 1e-4 leaves room
 # for other CPUs' instruction sets while still catching any wrong weight or preprocessing (errors of 1e-2+)
@@ -85,10 +87,14 @@ def spread(n: int, count: int) -> np.ndarray:
 
 
 def uint8_batches(checkpoint: dict, table: dataloader.FundusTable, batch_size: int):
-    """(uint8 images [B, 3, S, S], grades) of the table, as the run's evaluation loads them."""
+    """(uint8 images [B, 3, S, S], grades) of the table, as the run's evaluation loads them; for the two-eye
+    model ((eyes, partners, flags), grades), each eye with its partner in the table."""
     dataset = evaluate.run_dataset(checkpoint, table)
+    collate = dataloader.collate_fundus
+    if twoeye.is_two_eye(checkpoint):
+        dataset, collate = twoeye.PairDataset(dataset, twoeye.partner_index(table.names)), twoeye.collate_pairs
     for start in range(0, len(dataset), batch_size):
-        yield dataloader.collate_fundus([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        yield collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
 
 
 def summaries(grader, batches: list) -> np.ndarray:
@@ -134,7 +140,7 @@ def evaluation_choices(checkpoint: dict, path: Path) -> dict:
     if not log.is_file():
         return {**none, "evaluation": f"none: {log} does not exist (run evaluate.py {path} first to carry them)"}
     result = json.loads(log.read_text())
-    same = result.get("weights_digest") == weights_digest(checkpoint["model"]) and not result.get("tta")
+    same = result.get("weights_digest") == checkpoint_digest(checkpoint) and not result.get("tta")
     if not same:
         return {**none, "evaluation": f"none: {log} evaluated {result.get('checkpoint')} (epoch "
                                       f"{result.get('epoch')}{', with TTA' if result.get('tta') else ''}), not "
@@ -170,11 +176,18 @@ def metadata(checkpoint: dict, path: Path, precision: str, check: dict, paramete
                                                    "best_metric", "best_metric_name", "pretrained_source", "config",
                                                    "data")}
     # the checkpoint's weights, so that plot.py ties the file's evaluations to the run's best.pt as a checkpoint's
-    record["weights_digest"] = weights_digest(checkpoint["model"])
+    record["weights_digest"] = checkpoint_digest(checkpoint)
+    if twoeye.is_two_eye(checkpoint):  # what the file is, without the head's weights (they are in the graph)
+        record["two_eye"] = {k: v for k, v in checkpoint["two_eye"].items() if k != "head"}
     return {
         "arch": checkpoint["arch"], "image_size": str(size), "precision": precision,
         "grade_names": list(GRADE_NAMES), "objective": objective.name,
-        "input": f"{deploy.INPUT}: uint8 RGB [batch, 3, {size}, {size}], pixel values 0-255 (no normalisation)",
+        "input": f"{deploy.INPUT}: uint8 RGB [batch, 3, {size}, {size}], pixel values 0-255 (no normalisation)"
+                 + (f"; two-eye model: {deploy.PARTNER_INPUTS[0]} the same for each eye's partner (the patient's "
+                    f"other eye, <patient>_left/_right), {deploy.PARTNER_INPUTS[1]} float32 [batch], 1 where it is "
+                    "the partner and 0 to grade the eye alone (pass its own photo then); the output is of `images`: "
+                    "grade both eyes as two rows, each with the other as partner"
+                    if twoeye.is_two_eye(checkpoint) else ""),
         "output": OUTPUT_TEXT[objective.name],
         "preprocessing": {
             "eye_crop": "the eye cropped to a square (data/prepare.py does it to camera photos; evaluate.py --images "
@@ -222,9 +235,10 @@ def fp32_file(checkpoint: dict, path: Path, data: dataloader.FundusData, args):
     """(the fp32 file as a ModelProto, its onnxruntime grader, the check against PyTorch, parameters)."""
     # the reference is fp32 on the CPU, as the file is, whatever precision the run trained and evaluates in
     model, transform, _ = evaluate.inference_setup(checkpoint, path, CPU)
-    objective = objectives.of(checkpoint)
-    torch_grader = evaluate.TorchGrader(model, transform, contextlib.nullcontext(), objective)
-    proto = deploy.export_fp32(model, checkpoint["image_size"], objective)
+    objective, two_eye = objectives.of(checkpoint), twoeye.is_two_eye(checkpoint)
+    kind = evaluate.TwoEyeGrader if two_eye else evaluate.TorchGrader
+    torch_grader = kind(model, transform, contextlib.nullcontext(), objective)
+    proto = deploy.export_fp32(model, checkpoint["image_size"], objective, two_eye)
     onnx_grader = evaluate.OnnxGrader(deploy.session(proto.SerializeToString()))
     sample = data.test.subset(spread(len(data.test), args.check_images), data.test.source)
     check = check_fp32(torch_grader, onnx_grader, list(uint8_batches(checkpoint, sample, args.batch_size)))
@@ -234,8 +248,9 @@ def fp32_file(checkpoint: dict, path: Path, data: dataloader.FundusData, args):
 def int8_file(checkpoint: dict, data: dataloader.FundusData, proto, fp32_grader, args) -> tuple[bytes, str, dict]:
     """(the INT8 file's bytes, its precision in words, its check against fp32 on the test split)."""
     calibration = data.train.subset(spread(len(data.train), args.calibration_images), data.train.source)
-    model_bytes = deploy.quantise_static(proto, [images.numpy() for images, _ in
-                                                 uint8_batches(checkpoint, calibration, args.batch_size)])
+    model_bytes = deploy.quantise_static(proto, [tuple(t.numpy() for t in images) if isinstance(images, tuple)
+                                                 else images.numpy()
+                                                 for images, _ in uint8_batches(checkpoint, calibration, args.batch_size)])
     check = check_int8(fp32_grader, evaluate.OnnxGrader(deploy.session(model_bytes)),
                        list(uint8_batches(checkpoint, data.test, args.batch_size)), objectives.of(checkpoint))
     return model_bytes, f"int8 (static, calibrated on {len(calibration)} training images)", check
