@@ -27,6 +27,8 @@ from layouts import LAB_FILES, read_column
 from runtime import Parser, UserError, map_in_processes
 
 GRADE_MIX = (0.73, 0.07, 0.15, 0.025, 0.025)
+# Patients whose two eyes differ in grade: 7 of the 55 with both eyes in the shared EyePACS sample (13 %)
+DISCORDANT = 0.13
 DEMO_DEFAULTS = dict(n_train=1200, n_test=300, size=128, seed=0)
 # Written beside the CSVs so that generate_demo only ever replaces a folder it wrote itself:
 # a lab-layout folder of real photographs looks the same otherwise.
@@ -328,10 +330,34 @@ def grade_counts(n: int) -> list[int]:
     return [n - sum(rare)] + rare
 
 
+def pair_grades(grades: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The split's grades (its exact counts) arranged as patients' two eyes, [n // 2, 2], one grade for both eyes
+    in all but DISCORDANT of the patients, whose eyes differ by one grade (as in EyePACS, where the worse eye
+    is most often one grade worse); the pairs in random order, either eye the worse."""
+    ordered = np.sort(grades)[: len(grades) // 2 * 2].reshape(-1, 2)  # neighbours in grade order: concordant
+    target = round(DISCORDANT * len(ordered))
+    for _ in range(50 * len(ordered)):  # bounded: a split of one grade has no neighbouring grade to trade with
+        discordant = ordered[:, 0] != ordered[:, 1]
+        if discordant.sum() >= target:
+            break
+        a, b = rng.integers(0, len(ordered), 2)
+        if not discordant[a] and not discordant[b] and abs(int(ordered[a, 0]) - int(ordered[b, 0])) == 1:
+            ordered[a, 1], ordered[b, 1] = ordered[b, 1], ordered[a, 1]
+    ordered = ordered[rng.permutation(len(ordered))]
+    swap = rng.random(len(ordered)) < 0.5
+    ordered[swap] = ordered[swap][:, ::-1]
+    return ordered
+
+
 def plan_split(split_index: int, n: int, first_patient: int, seed: int) -> list[tuple[str, int]]:
-    """(name, grade) rows of one split: both eyes of each patient, grades shuffled with the seed."""
+    """(name, grade) rows of one split: both eyes of each patient (an odd one out alone), their grades
+    correlated as patients' are (pair_grades), the split's grade mix exactly grade_counts(n)."""
     grades = np.repeat(np.arange(len(GRADE_MIX)), grade_counts(n))
-    np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0, split_index))).shuffle(grades)
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0, split_index)))
+    rng.shuffle(grades)
+    paired = pair_grades(grades, rng).reshape(-1)
+    rest = np.sort(grades)[len(paired):] if len(grades) % 2 else np.array([], dtype=grades.dtype)
+    grades = np.concatenate([paired, rest])
     names = [f"{first_patient + i // 2}_{'right' if i % 2 else 'left'}" for i in range(n)]
     return list(zip(names, grades.tolist()))
 

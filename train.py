@@ -185,7 +185,7 @@ def resolve_args(argv: list[str]) -> tuple[argparse.Namespace, dict | None]:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(args)
-    if args.two_eye and args.resume is None:
+    if args.two_eye and args.resume in (None, "auto"):
         args = with_encoder(args, explicit_flags(parser, argv), parser)
     kind = "pretrained" if is_pretrained(vars(args)) else "scratch"
     args = argparse.Namespace(**{**vars(args), "run_name": args.run_name or f"{args.model}_{kind}"})
@@ -777,6 +777,7 @@ def run_two_eye(args, resumed: dict | None, env: Dist, device: torch.device, sto
               "pairs": {split: twoeye.pair_counts(p) for split, p in partners.items()}}
     log(f"run {args.run_name}: two-eye head over {args.model} features ({head.own.in_features} per eye), "
         f"objective {objective.name}, on the CPU")
+    stop.install()
     for epoch in range(done.epochs_done + 1, args.epochs + 1):
         stats = twoeye.train_epoch(head, features["train"], partner["train"], grades["train"], criterion, optimizer,
                                    scheduler, args.batch_size, args.seed * 1_000_003 + epoch * 1009,

@@ -200,3 +200,17 @@ def test_command_line_rejects_a_tiny_set_with_exit_status_2(tmp_path, capsys):
         synthetic.main(["--root", str(tmp_path / "demo"), "--train", "3"])
     assert exit_info.value.code == 2
     assert "--train must be an integer >= 5, got 3" in capsys.readouterr().err
+
+
+def test_a_patients_two_eyes_mostly_share_their_grade_and_the_mix_is_kept():
+    # the two-eye stage needs something real to find: as in EyePACS (48 of 55 patients of the shared sample),
+    # both eyes share one grade in most patients, and differ by one grade in the rest
+    rows = synthetic.plan_split(0, 1200, 1, 0)
+    grades = np.array([g for _, g in rows])
+    assert np.bincount(grades, minlength=5).tolist() == synthetic.grade_counts(1200)
+    assert all(name.startswith(f"{1 + i // 2}_") for i, (name, _) in enumerate(rows))
+    pairs = grades.reshape(-1, 2)
+    discordant = pairs[:, 0] != pairs[:, 1]
+    assert discordant.mean() == pytest.approx(synthetic.DISCORDANT, abs=0.01)
+    assert np.abs(pairs[:, 0] - pairs[:, 1]).max() == 1
+    assert len({(a, b) for a, b in pairs[discordant].tolist()}) > 2  # either eye the worse, several grades
