@@ -36,6 +36,11 @@ def test_the_head_starts_as_its_encoder():
         head = twoeye.build_head(encoder, features)
         both = twoeye.TwoEyeModel(encoder, head.eval())(x, y, torch.ones(6))
         assert torch.allclose(both, encoder(x), atol=1e-6)
+        # once trained, the partner's features move the eye's grade; without the flag they do not count
+        torch.nn.init.normal_(head.mix[-1].weight)
+        model = twoeye.TwoEyeModel(encoder, head.eval())
+        assert not torch.allclose(model(x, y, torch.ones(6)), model(x, x, torch.ones(6)))
+        assert torch.allclose(model(x, y, torch.zeros(6)), model(x, x, torch.zeros(6)))
 
 
 def base(out, *extra):
@@ -123,6 +128,8 @@ def test_images_are_paired_by_name_and_a_lone_eye_is_graded_alone(encoder_run, t
     eyes, mates = torch.stack(images), torch.stack([images[1], images[0], images[2]])
     expected = grader((eyes, mates, torch.tensor([1.0, 1.0, 0.0])))
     np.testing.assert_allclose(graded["score"].to_numpy(dtype=float), expected[:, 0].numpy(), atol=1e-5)
+    alone = grader((eyes, eyes, torch.zeros(3)))
+    assert not np.allclose(graded["score"].to_numpy(dtype=float)[:2], alone[:2, 0].numpy(), atol=1e-4)
 
 
 def test_the_exported_two_eye_file_grades_as_the_checkpoint(encoder_run, tmp_path):
