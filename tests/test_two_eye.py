@@ -182,3 +182,20 @@ def test_data_without_pairs_is_refused(encoder_run, tmp_path, capsys):
     expect_refusal(base(tmp_path, "--two-eye", str(encoder), "--data-root", str(root)), capsys,
                    "pairs no patient's two eyes")
     assert objectives.of(runtime.load_checkpoint(encoder)).name == "mse"
+
+
+def test_tta_turns_both_photos_alike_and_averages_the_summaries(encoder_run):
+    import dataloader
+
+    _, _, run_dir = encoder_run
+    checkpoint = runtime.load_checkpoint(run_dir / "best.pt")
+    grader = evaluate.make_grader(checkpoint, "test", torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    eyes, mates = (torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=generator) for _ in range(2))
+    flags = torch.tensor([1.0, 0.0, 1.0])
+    model, x, y = grader.model, grader.transform(eyes), grader.transform(mates)
+    with torch.no_grad():
+        expected = torch.stack([objectives.OBJECTIVES["mse"].summarise(model(a, b, flags))
+                                for a, b in zip(dataloader.dihedral_views(x), dataloader.dihedral_views(y))]).mean(0)
+    assert torch.allclose(grader((eyes, mates, flags), tta=True), expected, atol=1e-5)
+    assert not torch.allclose(grader((eyes, mates, flags), tta=True), grader((eyes, mates, flags)), atol=1e-5)
