@@ -10,6 +10,8 @@ STEP ?=
 # --val-fraction 0.1: best.pt, the screening operating points and the kappa thresholds are chosen on a
 # held-out tenth of the training patients, never on the test split they are reported on.
 # --resume auto: a second `make demo` goes on from the first (to more DEMO_EPOCHS) instead of refusing.
+# The two-eye stage (train.py --two-eye) on the single-eye best.pt trains in seconds on cached features; it is
+# made afresh (--overwrite) each time, since its encoder may have trained on.
 DEMO_EPOCHS ?= 8
 DEMO_FLAGS ?= --optimizer adamw --lr 1e-3 --val-fraction 0.1 --resume auto
 
@@ -34,6 +36,8 @@ demo: $(VENV)/.installed
 	$(STEP) $(PY) evaluate.py checkpoints/resnet18_scratch/best.pt --tta
 	$(STEP) $(PY) export.py checkpoints/resnet18_scratch/best.pt
 	$(STEP) $(PY) evaluate.py checkpoints/resnet18_scratch/best.onnx
+	$(STEP) $(PY) train.py --two-eye checkpoints/resnet18_scratch/best.pt --overwrite --quiet
+	$(STEP) $(PY) evaluate.py checkpoints/resnet18_scratch_two_eye/best.pt
 	@if $(STEP) $(PY) models.py --fetch resnet18; then \
 	  $(STEP) $(PY) train.py --model resnet18 --pretrained --epochs $(DEMO_EPOCHS) $(DEMO_FLAGS) && \
 	  $(STEP) $(PY) evaluate.py checkpoints/resnet18_pretrained/best.pt; \

@@ -58,8 +58,10 @@ def recipe(record: dict) -> str:
 
 
 def group_of(arch: str, what: str) -> str:
-    """The figures a run is drawn in: <arch> for the lab's recipe (ce, one eye), else <arch>_<recipe>."""
-    return arch if what == "ce" else f"{arch}_{what.replace(', ', '_').replace('-', '_')}"
+    """The figures a run is drawn in: <arch> for the lab's recipe (ce, one eye), else <arch>_<recipe> without the
+    lab's objective: resnet18_mse, resnet18_two_eye (ce), resnet18_ordinal_two_eye."""
+    parts = what.split(", ")
+    return "_".join([arch, *(p.replace("-", "_") for p in parts[parts[0] == "ce":])])
 
 
 def group_title(group: str, runs: list[dict]) -> str:

@@ -743,6 +743,9 @@ def run_two_eye(args, resumed: dict | None, env: Dist, device: torch.device, sto
     encoder_path = input_file("--two-eye", args.two_eye)
     encoder_checkpoint = load_checkpoint(encoder_path, "--two-eye")
     twoeye.check_encoder(encoder_checkpoint, encoder_path)
+    if resumed and resumed["two_eye"]["encoder"]["weights_digest"] != checkpoint_digest(encoder_checkpoint):
+        raise UserError(f"{encoder_path} holds other weights than the encoder this two-eye run started on (it was "
+                        "trained again?); its head would not fit them: start the two-eye run afresh with --overwrite")
     fundus = two_eye_data(args, resumed, encoder_checkpoint, log)
     partners = {split: twoeye.partner_index(table.names) for split, table in fundus.splits().items()}
     twoeye.assert_pairs(partners["train"], f"the training split of {fundus.dataset or fundus.root}")
