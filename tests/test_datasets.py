@@ -523,7 +523,8 @@ def test_data_card_finds_leaks_and_identical_files(tmp_path, capsys, demo_photos
     assert f"identical files under different names: 1 groups (first: {tmp_path / 'test' / '30_left.jpeg'} = " \
            f"{tmp_path / 'train' / '10_left.jpeg'})" in text
     train_labels = tmp_path / "trainLabels.csv"
-    train_labels.write_text(train_labels.read_text() + "29_left,0\n10_left,0\n")  # a test patient; a photo twice
+    listed = next(line for line in train_labels.read_text().splitlines() if line.startswith("10_left,"))
+    train_labels.write_text(train_labels.read_text() + f"29_left,0\n{listed}\n")  # a test patient; a photo twice
     (tmp_path / "train" / "29_left.jpeg").write_bytes((tmp_path / "test" / "29_left.jpeg").read_bytes())
     dataloader.main(["--data-root", str(tmp_path)])
     assert "duplicates: 1 photos listed twice in a split (1 in train), 0 photos and 1 patients in more than " \
