@@ -130,11 +130,11 @@ def test_export_refuses_a_file_that_grades_otherwise_and_leaves_nothing(run, tmp
     out, root, ckpt = run
     real = deploy.export_fp32
 
-    def off_by_a_little(model, size, objective):  # a wrong weight: what a broken export or preprocessing looks like
+    def off_by_a_little(model, *args, **kwargs):  # a wrong weight: what a broken export or preprocessing looks like
         with torch.no_grad():
             model.fc.bias[0] += 0.05
         try:
-            return real(model, size, objective)
+            return real(model, *args, **kwargs)
         finally:
             with torch.no_grad():
                 model.fc.bias[0] -= 0.05
