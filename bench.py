@@ -40,7 +40,8 @@ import models
 import objectives
 import optimisation
 import synthetic
-from runtime import Parser, UserError, autocast, exit_on_user_error, precision
+from runtime import (Parser, UserError, autocast, exit_on_user_error, precision,
+                     write_text_atomic)
 
 GIB = 1024 ** 3
 CE = objectives.OBJECTIVES["ce"]  # speed does not depend on the objective: the lab's is timed
@@ -699,7 +700,7 @@ def main(argv: list[str] | None = None) -> None:
         text = f"Machine: {result['machine']}\n\nCommand: `{command}`\n\n" + report_export(result)
         print(text)
         if args.out:
-            Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+            write_result(args.out, result)
         return
     workers = args.workers if args.workers is not None else dataloader.default_workers()
     result = {"machine": machine(), "command": command, "workers": workers}
@@ -709,7 +710,7 @@ def main(argv: list[str] | None = None) -> None:
             def save(partial):
                 result["cuda"] = partial
                 if args.out:
-                    Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+                    write_result(args.out, result)
 
             bench_cuda(work, args.quick, save)
             text = f"Machine: {result['machine']}\n\nCommand: `{command}`\n\n" + report_cuda(result)
@@ -718,7 +719,12 @@ def main(argv: list[str] | None = None) -> None:
             text = report_cpu(result)
     print(text)
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+        write_result(args.out, result)
+
+
+def write_result(out: str, result: dict) -> None:
+    """--out: every figure as JSON, written whole (a CUDA run rewrites it after each part)."""
+    write_text_atomic(out, json.dumps(result, indent=2, default=str))
 
 
 def run_cpu(work: Path, quick: bool, workers: int) -> dict:

@@ -28,7 +28,7 @@ import layouts
 # from here, as they did before layouts.py existed
 from layouts import LAB_FILES, patient_id, read_column, read_labels_table  # noqa: F401
 from runtime import (NUM_GRADES, Parser, UserError, check_output_file, exit_on_user_error, fraction_sentence,
-                     input_folder, worker_signals)
+                     input_folder, worker_signals, write_text_atomic)
 
 # Decoded pixels arrive as read-only numpy arrays; torch warns when it wraps one. Nothing writes to
 # them in place (BatchTransform makes a float copy first), and copying to silence it costs time.
@@ -645,7 +645,7 @@ def main(argv=None) -> None:
                               args.split_seed, layout=args.layout)
     print(data_card(fundus, args.sample, args.hash))
     if args.excluded_csv:
-        fundus.excluded.to_csv(args.excluded_csv, index=False)
+        write_text_atomic(args.excluded_csv, fundus.excluded.to_csv(index=False))
         print(f"wrote {args.excluded_csv} ({len(fundus.excluded)} photos left out)")
 
 

@@ -33,10 +33,10 @@ import metrics
 import models
 import objectives
 import twoeye
-from runtime import (GRADE_NAMES, OUTPUT_KINDS, Parser, UserError, autocast, check_output,
-                     check_output_file, choose_device, device_name, exit_on_user_error, input_file, is_pretrained,
-                     load_checkpoint, memory_format, precision, progress, restore_model, checkpoint_digest, worker_signals,
-                     write_text_atomic)
+from runtime import (GRADE_NAMES, Parser, UserError, atomic_write, autocast, check_output, check_output_file,
+                     checkpoint_digest, choose_device, copy_atomic, device_name, exit_on_user_error, input_file,
+                     is_pretrained, load_checkpoint, may_replace, memory_format, precision, progress, restore_model,
+                     worker_signals, write_text_atomic)
 
 GRADES = metrics.GRADES
 CPU = torch.device("cpu")
@@ -614,7 +614,7 @@ def cam_outputs(paths: list[Path], cam_dir: Path) -> list[tuple[Path | None, Pat
             stem = path.stem if n == 1 else f"{path.stem}-{n}"
             copy = None if in_place else cam_dir / f"{stem}{path.suffix}"
             figure = cam_dir / f"{stem}_cam.png"
-            if free_for(figure, taken, OUTPUT_KINDS["a figure drawn by matplotlib"]) and (
+            if free_for(figure, taken, lambda old: may_replace(old, "a figure drawn by matplotlib")) and (
                     copy is None or free_for(copy, taken, lambda old: filecmp.cmp(old, path, shallow=False))):
                 break
         taken |= {figure.resolve()} | ({copy.resolve()} if copy else set())
@@ -631,13 +631,11 @@ def free_for(output: Path, taken: set, replaceable) -> bool:
 def save_cam(source: Path, image: torch.Tensor, cam: torch.Tensor, grade: int, confidence: float, score: float,
              copy: Path | None, figure: Path) -> None:
     """A copy of the photo and its figure: what the model saw, and the heatmap over it."""
-    import shutil
-
     import plot
 
     figure.parent.mkdir(parents=True, exist_ok=True)
     if copy is not None:
-        shutil.copy2(source, copy)
+        copy_atomic(source, copy)
     title = f"{source.name}: grade {grade} ({GRADE_NAMES[grade]}), " + (
         f"confidence {confidence:.0%}" if np.isfinite(confidence) else f"regressed grade {score:.2f}")
     plot.plot_cam(image.permute(1, 2, 0).numpy(), cam.numpy(), figure, title)
@@ -788,8 +786,9 @@ def evaluate_split_command(args, checkpoint: dict, device: torch.device, workers
           + f" and {outputs['figure']}")
     if args.cam_per_grade:
         outputs["cams"].parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(outputs["cams"], run_name=run_name, weights_digest=result["weights_digest"],
-                            **cam_samples(checkpoint, table, args.cam_per_grade, device))
+        with atomic_write(outputs["cams"]) as f:
+            np.savez_compressed(f, run_name=run_name, weights_digest=result["weights_digest"],
+                                **cam_samples(checkpoint, table, args.cam_per_grade, device))
         print(f"wrote {outputs['cams']} (Grad-CAMs of up to {args.cam_per_grade} images per grade; plot.py draws "
               "them)")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import zipfile
 from pathlib import Path
 
 import matplotlib
@@ -20,8 +21,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from runtime import (AUC_COLUMN, GRADE_NAMES, LOG_COLUMNS, Parser, UserError, check_output,  # noqa: E402
-                     check_output_file, exit_on_user_error, write_text_atomic)
+from runtime import (AUC_COLUMN, GRADE_NAMES, LOG_COLUMNS, Parser, UserError, atomic_write,  # noqa: E402
+                     check_output, check_output_file, exit_on_user_error, write_text_atomic)
 
 ARCH_ORDER = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 DPI = 150
@@ -226,6 +227,10 @@ def load_cams(logdir) -> list[dict]:
         try:
             with np.load(path) as npz:
                 data = {k: npz[k] for k in npz.files}
+        except (EOFError, zipfile.BadZipFile):  # empty, or cut before the zip's directory
+            print(f"plot.py: skipping {path}: it is cut short (an evaluate.py stopped while writing it, before "
+                  "outputs were written whole); run evaluate.py --cam-per-grade again to redraw its sheet")
+            continue
         except (OSError, ValueError) as err:
             raise UserError(f"cannot read {path}: {_one_line(err)}") from None
         named = {key: str(data.pop(key)) for key in ("run_name", "weights_digest") if key in data}
@@ -260,8 +265,11 @@ def majority_share(arch: str, evals: list[dict]) -> float | None:
 def _save(fig, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)  # pyplot keeps every open figure alive; a long log folder would pile them up
+    try:
+        with atomic_write(path) as f:
+            fig.savefig(f, dpi=DPI, format=path.suffix[1:])
+    finally:
+        plt.close(fig)  # pyplot keeps every open figure alive; a long log folder would pile them up
     return path
 
 

@@ -10,6 +10,9 @@ import argparse
 import contextlib
 import errno
 import functools
+import glob
+import io
+import itertools
 import os
 import pickle
 import random
@@ -385,6 +388,27 @@ def what_file_is(path: Path) -> str:
     return describe_file(path) or "a binary file"
 
 
+def _is_cut_npz(path: Path) -> bool:
+    # np.savez_compressed writes each array as a zip member <key>.npy, the zip's directory last: a file cut
+    # short opens with a member's header and has no directory (a checkpoint's first member is data.pkl)
+    with open(path, "rb") as f:
+        head = f.read(30 + 256)
+    if not head.startswith(b"PK\x03\x04") or len(head) < 30 or _zip_members(path):
+        return False
+    length = int.from_bytes(head[26:28], "little")
+    return head[30:30 + length].endswith(b".npy")
+
+
+def may_replace(path: Path, kind: str) -> bool:
+    """Whether an output of `kind` may replace the existing file `path`: one of that kind (OUTPUT_KINDS), or
+    one that holds nothing to lose, as writers killed before every output was written atomically (issue 31)
+    left them on users' disks: an empty file (savefig or np.savez_compressed killed on the final path), or a
+    Grad-CAM set cut before its zip directory."""
+    if path.is_file() and path.stat().st_size == 0:
+        return True
+    return OUTPUT_KINDS[kind](path) or (kind == "a set of Grad-CAM samples of evaluate.py" and _is_cut_npz(path))
+
+
 def same_file(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)
@@ -401,51 +425,158 @@ def check_output_file(flag: str, path: str | os.PathLike, kind: str, inputs=()) 
         if same_file(path, Path(source)):
             raise UserError(f"{flag} {path} is a file this command reads ({what_file_is(path)}); writing "
                             f"{kind} there would replace it: give another path")
-    if path.exists() and not OUTPUT_KINDS[kind](path):
+    if path.exists() and not may_replace(path, kind):
         raise UserError(f"{flag} {path} already exists and is {what_file_is(path)}, not {kind}; nothing was "
                         "written: give another path, or move that file away first")
     return path
 
 
 # --------------------------------------------------------------------------- atomic writes
+# Every file a script of this repo writes goes through atomic_writes (issue 31); tests/
+# test_atomic_outputs.py finds any write that does not.
 TMP_SUFFIX = ".tmp"
+# A write that found no room: a full disk, a used-up quota, the file-size limit (ulimit -f; Python ignores
+# SIGXFSZ, so the write fails with EFBIG instead of the process being killed).
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class DiskFull(UserError, OSError):
+    """A write that found no room (NO_ROOM): one sentence and exit 2 as any UserError, and still an OSError
+    with its errno, so that code which stops on a full disk (data/prepare.py) recognises it whether the
+    system or atomic_writes raised it, in this process or in a worker."""
+
+    def __init__(self, code: int, filename: str, sentence: str):
+        super().__init__(code, os.strerror(code), filename)
+        self.sentence = sentence
+
+    def __str__(self) -> str:
+        return self.sentence
+
+    def __reduce__(self):  # a worker's DiskFull reaches the parent whole (OSError pickles only its args)
+        return type(self), (self.errno, self.filename, self.sentence)
+
+
+class _Temporary(io.FileIO):
+    """The temporary file, every byte written through write(), which keeps the write that found no room:
+    torch.save reports it as its own RuntimeError ("enforce fail at inline_container.cc"), and it still reads
+    as a full disk. No descriptor is handed out: PIL's JPEG encoder writes to one itself and reports a full
+    disk as "encoder error -2", with no errno; without one it writes through write() as every library does."""
+    no_room: OSError | None = None
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("fileno: atomic_writes sees every write")
+
+    def write(self, data) -> int:
+        try:
+            return os.write(super().fileno(), data)
+        except OSError as err:
+            if err.errno in NO_ROOM:
+                self.no_room = err
+            raise
+
+    def sync(self) -> None:
+        os.fsync(super().fileno())
 
 
 def tmp_name(path: Path) -> Path:
-    """The temporary name atomic_write writes `path` under: hidden, beside it, one per process."""
+    """The temporary name atomic_writes writes `path` under: hidden, beside it, one per process."""
     return path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process of this id runs on this machine (one of another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Remove the temporaries of `path` that writers killed mid-write left (SIGKILL, a power cut): those of
+    pids no longer running here. A live writer's, another run writing the same file now, stays."""
+    own = re.compile(rf"\.{re.escape(path.name)}\.(\d+){re.escape(TMP_SUFFIX)}")
+    stale = []
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*{TMP_SUFFIX}"):
+        match = own.fullmatch(leftover.name)
+        if match and int(match.group(1)) != os.getpid() and not process_alive(int(match.group(1))):
+            leftover.unlink(missing_ok=True)
+            stale.append(leftover)
+    return stale
+
+
+@contextlib.contextmanager
+def atomic_writes(paths: list[str | os.PathLike], mode: str = "wb"):
+    """Write the files `paths` through file objects (a list, one per path, text in UTF-8 with mode "w"); a
+    reader sees each old file or the whole new one, never a part: temporary files in the same folders, flushed
+    and fsynced, then os.replace (atomic on POSIX). None is replaced before all are written and synced, so a
+    failed write replaces none (a kill between the renames, microseconds apart, can still mix old and new).
+    On an exception, Ctrl-C included, the temporaries are removed and `paths` are untouched; a write that
+    found no room is one sentence (DiskFull). The temporaries of earlier writers of these files that were
+    killed are removed first."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_writes writes whole files (mode 'w' or 'wb'), not mode {mode!r}")
+    paths = [Path(p) for p in paths]
+    temporaries, files, at = [], [], paths[0]
+    try:
+        for at in paths:
+            remove_stale_temporaries(at)
+            temporaries.append(_Temporary(tmp_name(at), "w"))
+            buffered = io.BufferedWriter(temporaries[-1])
+            files.append(buffered if mode == "wb" else io.TextIOWrapper(buffered, encoding="utf-8"))
+        yield files
+        for at, f, raw in zip(paths, files, temporaries):
+            f.flush()
+            raw.sync()
+            f.close()
+        for at, raw in zip(paths, temporaries):
+            os.replace(raw.name, at)
+    except BaseException as err:
+        for raw, f in itertools.zip_longest(temporaries, files):
+            raw.close()  # first: what is still buffered is not wanted, and flushing it could fail again
+            with contextlib.suppress(ValueError):
+                f and f.close()
+            Path(raw.name).unlink(missing_ok=True)
+        if isinstance(err, Exception):  # Ctrl-C and SystemExit stay what they are
+            # a library may have caught the failed write and raised its own error (torch.save does)
+            full = [(path, raw.no_room.errno) for path, raw in zip(paths, temporaries) if raw.no_room]
+            if isinstance(err, OSError) and err.errno in NO_ROOM:  # creating, syncing, renaming
+                full.append((at, err.errno))
+            if full:
+                raise disk_full(*full[0]) from None
+        raise
 
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb"):
-    """Write `path` through a file object; readers see the old file or the whole new one, never a
-    part: a temporary file in the same folder, flushed and fsynced, then os.replace (atomic on POSIX).
-    On an exception, Ctrl-C included, the temporary file is removed and `path` is untouched."""
-    path = Path(path)
-    tmp = tmp_name(path)
-    try:
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise disk_full(path, None) from None
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """One file written through a file object, atomically (see atomic_writes)."""
+    with atomic_writes([path], mode) as (f,):
+        yield f
 
 
-def disk_full(path: Path, needed: int | None) -> UserError:
-    """The sentence for a write the disk had no room for: where, how much is free, how much it needed."""
-    free = shutil.disk_usage(path.parent).free
-    need = f", which needs about {needed / 2**20:,.0f} MB" if needed else ""
-    return UserError(f"the disk holding {path.parent} is full ({free / 2**20:,.0f} MB free): {path.name} could not "
-                     f"be written{need}; the file there before, if any, is unchanged; free some space (or write to "
-                     "another disk) and run again")
+def disk_full(path: Path, code: int = errno.ENOSPC, needed: int | None = None) -> DiskFull:
+    """The sentence for a write that found no room (NO_ROOM): which file, why, that nothing was replaced,
+    what to do."""
+    kept = "nothing was replaced: the file there before, if any, is unchanged"
+    if code == errno.EFBIG:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        said = "the file system's largest file" if limit == resource.RLIM_INFINITY else _size(limit)
+        grew = f"needs about {_size(needed)}, more than" if needed else "grew past"
+        return DiskFull(code, str(path), f"{path} could not be written: it {grew} the file-size limit ({said}, "
+                        f"ulimit -f); {kept}; raise the limit (or write to another disk) and run again")
+    room = (f"your disk quota on {path.parent} is used up" if code == errno.EDQUOT
+            else f"the disk holding {path.parent} is full ({_size(shutil.disk_usage(path.parent).free)} free)")
+    need = f", which needs about {_size(needed)}" if needed else ""
+    return DiskFull(code, str(path), f"{room}: {path.name} could not be written{need}; {kept}; free some space "
+                    "(or write to another disk) and run again")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:,.0f} MB" if n >= 2**20 else f"{max(1, round(n / 2**10)):,} kB"
 
 
 def tensor_bytes(obj) -> int:
@@ -460,8 +591,9 @@ def tensor_bytes(obj) -> int:
 
 
 def remove_leftovers(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
-    """Remove the temporary files atomic_write left in `folder` when its process was killed (SIGKILL,
-    a power cut): all of them, or those of the file `name` only. Returns what it removed."""
+    """Remove the temporary files atomic_writes left in `folder` when its process was killed (SIGKILL,
+    a power cut), whatever their pid (train.py holds the run's lock): all of them, or those of the file
+    `name` only. Returns what it removed."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
@@ -472,39 +604,36 @@ def remove_leftovers(folder: str | os.PathLike, name: str | None = None) -> list
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """`text` into `path`, atomically (see atomic_write)."""
+    """`text` into `path`, atomically (see atomic_writes)."""
     with atomic_write(path, "w") as f:
         f.write(text)
 
 
 def save_atomic(obj, path: str | os.PathLike) -> None:
-    """torch.save(obj) into `path`, atomically (see atomic_write). A full disk is one sentence with the size
-    the file needs: torch.save reports it as `RuntimeError: [enforce fail at inline_container.cc ...]`."""
+    """torch.save(obj) into `path`, atomically (see atomic_writes). A full disk is one sentence with the size
+    the file needs: torch.save reports it as `RuntimeError: [enforce fail at inline_container.cc ...]`, which
+    _Temporary sees through; where the error came from elsewhere, the free space tells."""
     path = Path(path)
     try:
         with atomic_write(path) as f:
             torch.save(obj, f)
-    except UserError as err:
-        if "is full" in str(err):
-            raise disk_full(path, tensor_bytes(obj)) from None
-        raise
+    except DiskFull as err:
+        raise disk_full(path, err.errno, tensor_bytes(obj)) from None
     except RuntimeError:
         needed = tensor_bytes(obj)
         if shutil.disk_usage(path.parent).free < needed + 2**20:
-            raise disk_full(path, needed) from None
+            raise disk_full(path, errno.ENOSPC, needed) from None
         raise
 
 
 def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """A copy of the file `src` at `dst`, atomically (see atomic_write)."""
+    """A copy of the file `src` at `dst`, atomically (see atomic_writes)."""
     try:
         with open(src, "rb") as source, atomic_write(dst) as f:
             while chunk := source.read(1 << 24):
                 f.write(chunk)
-    except UserError as err:
-        if "is full" in str(err):
-            raise disk_full(Path(dst), os.path.getsize(src)) from None
-        raise
+    except DiskFull as err:
+        raise disk_full(Path(dst), err.errno, os.path.getsize(src)) from None
 
 
 # --------------------------------------------------------------------------- device and precision

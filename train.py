@@ -40,8 +40,8 @@ import twoeye
 from optimisation import Stopped
 from runtime import (AUC_COLUMN, EXIT_USER_ERROR, LOG_COLUMNS, OUTPUT_KINDS, Parser, UserError, autocast,
                      check_output, check_run_name, checkpoint_digest, choose_device, copy_atomic, input_file, exit_on_user_error, fraction_sentence,
-                     is_pretrained, load_checkpoint, make_checkpoint, memory_format, precision, remove_leftovers,
-                     restore_model, restore_training, run_summary, save_atomic, what_file_is,
+                     is_pretrained, load_checkpoint, make_checkpoint, memory_format, precision, process_alive,
+                     remove_leftovers, restore_model, restore_training, run_summary, save_atomic, what_file_is,
                      write_text_atomic)
 
 # The two-eye stage trains a small head on cached features: many more, faster epochs than an image run, and
@@ -542,13 +542,7 @@ def alive(owner: list[str]) -> bool:
     """Whether the process named in a lock may still run: on another host it can't be checked, so yes."""
     if len(owner) > 1 and owner[1] != socket.gethostname():
         return True
-    try:
-        os.kill(int(owner[0]), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
+    return owner[0].isdigit() and process_alive(int(owner[0]))
 
 
 def claim_run(args, resumed: dict | None) -> RunLock:

@@ -16,7 +16,6 @@ prepare.py did not write is never taken for a crop (a raw photo in images/ once 
 from __future__ import annotations
 
 import argparse
-import errno
 import functools
 import json
 import os
@@ -35,9 +34,9 @@ except ModuleNotFoundError:  # run with a Python that has the requirements but n
 from dataloader import LAB_FILES, default_workers, header_size, patient_split, read_labels_table  # noqa: E402
 from fundus import FAILED, KEPT, UNGRADABLE, WRITTEN  # noqa: E402
 from layouts import image_stem  # noqa: E402
-from runtime import (Parser, UserError, check_output, check_output_file, exit_on_user_error,  # noqa: E402
-                     fraction_sentence, input_file, input_folder, map_in_processes, remove_leftovers,
-                     write_text_atomic)
+from runtime import (NO_ROOM, Parser, UserError, atomic_writes, check_output, check_output_file,  # noqa: E402
+                     exit_on_user_error, fraction_sentence, input_file, input_folder, map_in_processes,
+                     remove_leftovers, write_text_atomic)
 
 FAILURES_FILE = "prepare_failures.txt"
 UNGRADABLE_FILE = "ungradable.csv"
@@ -188,16 +187,14 @@ def raise_interrupted(signum, frame):
     raise Interrupted(signum)
 
 
-# A write that fails for want of room stops the run as a signal does (the summary, the finished crops kept):
-# every photo after it would fail alike, and the crops are all there is to show for the hours before it.
-FULL = (errno.ENOSPC, errno.EDQUOT)
-
-
 def run_all(todo: list[tuple[Path, Path]], args: argparse.Namespace,
             crops: Crops) -> tuple[dict[str, dict[Path, tuple]], int, OSError | None]:
     """Crop every pair on args.workers processes: {WRITTEN, KEPT, UNGRADABLE, FAILED: {photo: (reason,
     quality score)}}, the signal that stopped the work early (0: none) and the write that found the disk
-    full (see FULL; None: none); what was finished by then is recorded and kept."""
+    full (runtime.NO_ROOM: a full disk or quota, the file-size limit; None: none); what was finished by then
+    is recorded and kept. A write that found no room stops the run as a signal does (the summary, the finished
+    crops kept): every photo after it would fail alike, and the crops are all there is to show for the hours
+    before it."""
     work = functools.partial(prepare_pair, size=args.size, ben_graham=args.ben_graham, quality=args.quality,
                              keep_ungradable=args.keep_ungradable, min_quality=args.min_quality)
     bar = tqdm(total=len(todo), unit="img", disable=not sys.stderr.isatty())
@@ -218,7 +215,7 @@ def run_all(todo: list[tuple[Path, Path]], args: argparse.Namespace,
     except Interrupted:
         stopped = signal.SIGTERM
     except OSError as err:
-        if err.errno not in FULL:
+        if err.errno not in NO_ROOM:
             raise
         full = err
     finally:
@@ -239,8 +236,12 @@ def report(outcomes: dict[str, dict[Path, tuple]], skipped: int, dst_dir: Path) 
           f"{len(ungradable)} ungradable" + (f" ({len(outcomes[KEPT])} kept with --keep-ungradable)"
                                              if outcomes[KEPT] else "")
           + f", {len(failures)} failed -> {dst_dir / 'images'}")
-    for listing in (dst_dir / UNGRADABLE_FILE, dst_dir / FAILURES_FILE):
-        listing.unlink(missing_ok=True)
+    # each list replaced whole, or removed when this run has nothing to list: never removed first, so that a
+    # write that fails leaves the earlier list, not none
+    if not ungradable:
+        (dst_dir / UNGRADABLE_FILE).unlink(missing_ok=True)
+    if not failures:
+        (dst_dir / FAILURES_FILE).unlink(missing_ok=True)
     if ungradable:
         rows = pd.DataFrame({"path": [str(p) for p in sorted(ungradable)],
                              "reason": [ungradable[p][0] for p in sorted(ungradable)],
@@ -282,10 +283,15 @@ def write_lab_layout(table, photos: list[Path], crops: Crops, dst_dir: Path, fra
                         f"{crops.out_dir}: rerun with more photos, another --test-fraction or --keep-ungradable"
                         ) from None
     splits = dict(zip(LAB_FILES, parts))
+    tables = {}
     for split, index in splits.items():
         img_csv, label_csv = LAB_FILES[split]
-        write_text_atomic(dst_dir / img_csv, "".join(f"{names[i]}\n" for i in index))
-        write_text_atomic(dst_dir / label_csv, "".join(f"{int(grades[i])}\n" for i in index))
+        tables[dst_dir / img_csv] = "".join(f"{names[i]}\n" for i in index)
+        tables[dst_dir / label_csv] = "".join(f"{int(grades[i])}\n" for i in index)
+    # the four tables as one: a new train split beside an old test split could list a photo in both
+    with atomic_writes(list(tables), "w") as files:
+        for f, text in zip(files, tables.values()):
+            f.write(text)
     print(f"labels: {len(splits['train'])} train and {len(splits['test'])} test images, split by patient, "
           f"in {dst_dir}/{{train,test}}_{{img,label}}.csv")
 
@@ -406,7 +412,7 @@ def main(argv=None) -> int:
         try:
             report(outcomes, skipped, args.dst_dir)
         except OSError as err:  # the lists need room too; the summary line came first
-            if err.errno not in FULL:
+            if err.errno not in NO_ROOM:
                 raise
         where = Path(full.filename).parent if full.filename else args.dst_dir
         print(f"prepare: stopped after {done} of {len(todo)} photos: {full.strerror} in {where}; the finished "
