@@ -440,10 +440,11 @@ TMP_SUFFIX = ".tmp"
 NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-class DiskFull(UserError, OSError):
-    """A write that found no room (NO_ROOM): one sentence and exit 2 as any UserError, and still an OSError
-    with its errno, so that code which stops on a full disk (data/prepare.py) recognises it whether the
-    system or atomic_writes raised it, in this process or in a worker."""
+class DiskFull(RunFailed, OSError):
+    """A write that found no room (NO_ROOM): not the user's mistake, so one sentence and exit status 1 as
+    any RunFailed (data/prepare.py stops on it with its summary and exit 1 too), and still an OSError with
+    its errno, so that code which stops on a full disk (data/prepare.py) recognises it whether the system
+    or atomic_writes raised it, in this process or in a worker."""
 
     def __init__(self, code: int, filename: str, sentence: str):
         super().__init__(code, os.strerror(code), filename)
@@ -494,35 +495,22 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(path: Path) -> list[Path]:
-    """Remove the temporaries of `path` that writers killed mid-write left (SIGKILL, a power cut): those of
-    pids no longer running here. A live writer's, another run writing the same file now, stays."""
-    own = re.compile(rf"\.{re.escape(path.name)}\.(\d+){re.escape(TMP_SUFFIX)}")
-    stale = []
-    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*{TMP_SUFFIX}"):
-        match = own.fullmatch(leftover.name)
-        if match and int(match.group(1)) != os.getpid() and not process_alive(int(match.group(1))):
-            leftover.unlink(missing_ok=True)
-            stale.append(leftover)
-    return stale
-
-
 @contextlib.contextmanager
 def atomic_writes(paths: list[str | os.PathLike], mode: str = "wb"):
     """Write the files `paths` through file objects (a list, one per path, text in UTF-8 with mode "w"); a
     reader sees each old file or the whole new one, never a part: temporary files in the same folders, flushed
-    and fsynced, then os.replace (atomic on POSIX). None is replaced before all are written and synced, so a
-    failed write replaces none (a kill between the renames, microseconds apart, can still mix old and new).
-    On an exception, Ctrl-C included, the temporaries are removed and `paths` are untouched; a write that
-    found no room is one sentence (DiskFull). The temporaries of earlier writers of these files that were
-    killed are removed first."""
+    and fsynced, then os.replace (atomic on POSIX), then the folders fsynced. None is replaced before all are
+    written and synced, so a failed write replaces none (a kill between the renames, microseconds apart, can
+    still mix old and new). On an exception, Ctrl-C included, the temporaries are removed and `paths` are
+    untouched; a write that found no room is one sentence (DiskFull, exit status 1). The temporaries of
+    earlier writers of these files that were killed are removed first (remove_leftovers), a live one's never."""
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_writes writes whole files (mode 'w' or 'wb'), not mode {mode!r}")
     paths = [Path(p) for p in paths]
     temporaries, files, at = [], [], paths[0]
     try:
         for at in paths:
-            remove_stale_temporaries(at)
+            remove_leftovers(at.parent, at.name)
             temporaries.append(_Temporary(tmp_name(at), "w"))
             buffered = io.BufferedWriter(temporaries[-1])
             files.append(buffered if mode == "wb" else io.TextIOWrapper(buffered, encoding="utf-8"))
@@ -547,6 +535,19 @@ def atomic_writes(paths: list[str | os.PathLike], mode: str = "wb"):
             if full:
                 raise disk_full(*full[0]) from None
         raise
+    for folder in dict.fromkeys(p.parent for p in paths):
+        sync_folder(folder)
+
+
+def sync_folder(folder: Path) -> None:
+    """fsync a folder, so that a rename in it outlasts a power cut; where the file system cannot, as good as
+    it gets there."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 @contextlib.contextmanager
@@ -590,17 +591,26 @@ def tensor_bytes(obj) -> int:
     return 0
 
 
-def remove_leftovers(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
-    """Remove the temporary files atomic_writes left in `folder` when its process was killed (SIGKILL,
-    a power cut), whatever their pid (train.py holds the run's lock): all of them, or those of the file
-    `name` only. Returns what it removed."""
+def remove_leftovers(folder: str | os.PathLike, name: str | None = None, own: bool = False) -> list[Path]:
+    """Remove the temporary files that writers killed mid-write (SIGKILL, a power cut) left in `folder`: all
+    of them, or those of the file `name` only; those of a process still running here stay (another run writing
+    there now), and with `own` this process's own are removed too (work it has abandoned). Returns what it
+    removed. A temporary is named .<name>.<pid>.tmp (atomic_writes) or .<name>.<pid>.<word>.tmp
+    (data/prepare.py's crops); a hidden .tmp file without a pid is an older version's, dead since."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    leftovers = sorted(folder.glob(f".{name}.*{TMP_SUFFIX}" if name else f".*{TMP_SUFFIX}"))
-    for path in leftovers:
-        path.unlink(missing_ok=True)
-    return leftovers
+    named = re.compile(rf"\.{re.escape(name) if name else '.+?'}\.(\d+)(?:\.[a-z]+)?{re.escape(TMP_SUFFIX)}")
+    removed = []
+    for path in sorted(folder.glob(f".{glob.escape(name)}.*{TMP_SUFFIX}" if name else f".*{TMP_SUFFIX}")):
+        match = named.fullmatch(path.name)
+        if match is None and name:
+            continue  # another file's, whose name begins with `name`
+        pid = int(match.group(1)) if match else None
+        if pid is None or (pid == os.getpid() and own) or (pid != os.getpid() and not process_alive(pid)):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -48,16 +48,17 @@ SHOWN_FAILURES = 20
 
 # --------------------------------------------------------------------------- one photo
 def prepare_pair(paths: tuple[Path, Path], size: int, ben_graham: bool, quality: int, keep_ungradable: bool,
-                 min_quality: float | None) -> tuple[Path, str, str, float | None]:
-    """Crop one photo into a hidden file beside its output (see Crops.finish for why): (photo, outcome,
-    reason, quality score)."""
-    return (paths[0], *fundus.prepare_photo(paths[0], crop_file(paths[1]), size, ben_graham, quality,
+                 min_quality: float | None, owner: int) -> tuple[Path, str, str, float | None]:
+    """Crop one photo into a hidden file beside its output (see Crops.finish for why), named for the
+    prepare.py process `owner` that runs the worker: (photo, outcome, reason, quality score)."""
+    return (paths[0], *fundus.prepare_photo(paths[0], crop_file(paths[1], owner), size, ben_graham, quality,
                                             keep_ungradable, min_quality))
 
 
-def crop_file(output: Path) -> Path:
-    # hidden and ending in .tmp: remove_leftovers clears those of a killed run
-    return output.with_name(f".{output.name}{CROP_SUFFIX}")
+def crop_file(output: Path, owner: int | None = None) -> Path:
+    # hidden, ending in .tmp and named for the prepare.py that made it (this one by default): remove_leftovers
+    # clears those of a killed run, never those of another prepare.py running now
+    return output.with_name(f".{output.name}.{owner or os.getpid()}{CROP_SUFFIX}")
 
 
 class Crops:
@@ -173,7 +174,7 @@ def as_flags(options: dict) -> str:
 
 def pending(photos: list[Path], crops: Crops) -> tuple[list[tuple[Path, Path]], int]:
     """(source, output) pairs still to do, and how many are done already: crops prepare.py recorded."""
-    remove_leftovers(crops.out_dir)  # temporary files of a run killed mid-write
+    remove_leftovers(crops.out_dir)  # temporary files of a run killed mid-write (a live run's stay)
     done = crops.done()
     todo = [(p, crops.out_dir / f"{p.stem}.jpeg") for p in photos if f"{p.stem}.jpeg" not in done]
     return todo, len(photos) - len(todo)
@@ -196,7 +197,7 @@ def run_all(todo: list[tuple[Path, Path]], args: argparse.Namespace,
     crops kept): every photo after it would fail alike, and the crops are all there is to show for the hours
     before it."""
     work = functools.partial(prepare_pair, size=args.size, ben_graham=args.ben_graham, quality=args.quality,
-                             keep_ungradable=args.keep_ungradable, min_quality=args.min_quality)
+                             keep_ungradable=args.keep_ungradable, min_quality=args.min_quality, owner=os.getpid())
     bar = tqdm(total=len(todo), unit="img", disable=not sys.stderr.isatty())
     outcomes = {WRITTEN: {}, KEPT: {}, UNGRADABLE: {}, FAILED: {}}
     output = dict(todo)
@@ -222,7 +223,8 @@ def run_all(todo: list[tuple[Path, Path]], args: argparse.Namespace,
         signal.signal(signal.SIGTERM, previous)
         bar.close()
         crops.close()
-        remove_leftovers(crops.out_dir)  # crops the workers finished while the pool stopped, never recorded
+        # crops the workers finished while the pool stopped, never recorded, and what the workers left
+        remove_leftovers(crops.out_dir, own=True)
     return outcomes, stopped, full
 
 
