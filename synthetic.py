@@ -12,6 +12,7 @@ so a small ResNet learns the task but does not find it trivial.
 from __future__ import annotations
 
 import functools
+import glob
 import math
 import os
 import shutil
@@ -24,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from layouts import LAB_FILES, read_column
-from runtime import Parser, UserError, map_in_processes
+from runtime import NO_ROOM, Parser, UserError, disk_full, exit_on_user_error, map_in_processes, process_alive
 
 GRADE_MIX = (0.73, 0.07, 0.15, 0.025, 0.025)
 # Patients whose two eyes differ in grade: 7 of the 55 with both eyes in the shared EyePACS sample (13 %)
@@ -440,6 +441,7 @@ def generate_demo(root, n_train=1200, n_test=300, size=128, seed=0, workers=None
     check_replaceable(root)
     root.absolute().parent.mkdir(parents=True, exist_ok=True)
     partial = root.absolute().parent / f".{root.absolute().name}.partial-{os.getpid()}"
+    remove_dead_sets(root)
     shutil.rmtree(partial, ignore_errors=True)
     (partial / "images").mkdir(parents=True)
     try:
@@ -450,10 +452,26 @@ def generate_demo(root, n_train=1200, n_test=300, size=128, seed=0, workers=None
             f"size={size}, seed={seed}). Not patient data; delete this folder to regenerate it.\n")
         draw_images(partial / "images", splits, size, seed, workers, quiet)
         move_into_place(partial, root)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(err, OSError) and err.errno in NO_ROOM:  # one sentence, the set there before kept
+            raise disk_full(root, err.errno) from None
         raise
     return root
+
+
+def remove_dead_sets(root: Path) -> list[Path]:
+    """The half-written sets beside root (.<root>.partial-<pid>, .<root>.old-<pid>) that a generate_demo killed
+    midway left (SIGKILL, a power cut): removed, unless their process still runs here (a torchrun rank writing
+    the same set now)."""
+    removed = []
+    for folder in root.absolute().parent.glob(f".{glob.escape(root.absolute().name)}.*-*"):
+        kind, _, pid = folder.name.rpartition("-")
+        if (kind.endswith((".partial", ".old")) and pid.isdigit() and int(pid) != os.getpid()
+                and not process_alive(int(pid))):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def demo_is_complete(root) -> bool:
@@ -482,6 +500,7 @@ def ensure_demo(root, **kwargs) -> bool:
 CLI_FLAGS = {"n_train": "--train", "n_test": "--test", "size": "--size", "seed": "--seed", "workers": "--workers"}
 
 
+@exit_on_user_error
 def main(argv=None) -> None:
     parser = Parser(description="Write the synthetic fundus demo set in the lab layout.")
     parser.add_argument("--root", default="data/demo", help="output folder (default: data/demo)")

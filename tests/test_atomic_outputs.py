@@ -11,10 +11,10 @@ import ast
 import contextlib
 import errno
 import os
-import sys
 import resource
 import shutil
 import signal
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -231,7 +231,7 @@ def ws(tiny_demo, tmp_path_factory, cheap_evaluation):
                 "--quiet"])
     ckpt = ws / "checkpoints" / RUN / "best.pt"
     paths = {"ws": ws, "demo": tiny_demo, "ckpt": ckpt, "logs": ws / "logs", "figures": ws / "figures",
-             "photo": sorted((tiny_demo / "images").iterdir())[0], "cams": ws / "cams", "raw": ws / "raw",
+             "photo": min((tiny_demo / "images").iterdir()), "cams": ws / "cams", "raw": ws / "raw",
              "prepared": ws / "prepared"}
     evaluate.main([*evaluate_args(paths), "--cam-per-grade", "1"])
     plot.main([str(ws / "logs"), "--out", str(ws / "figures")])
@@ -563,10 +563,9 @@ def test_a_write_killed_midway_leaves_the_old_file_and_the_next_write_clears_its
 def test_an_error_inside_a_write_leaves_the_old_file_and_no_temporary(tmp_path):
     target = tmp_path / "figure.png"
     target.write_bytes(b"the old figure")
-    with pytest.raises(KeyboardInterrupt):
-        with runtime.atomic_write(target) as f:
-            f.write(b"\x89PNG half")
-            raise KeyboardInterrupt  # Ctrl-C, as it lands between two writes
+    with pytest.raises(KeyboardInterrupt), runtime.atomic_write(target) as f:
+        f.write(b"\x89PNG half")
+        raise KeyboardInterrupt  # Ctrl-C, as it lands between two writes
     assert target.read_bytes() == b"the old figure" and [p.name for p in tmp_path.iterdir()] == ["figure.png"]
 
 
@@ -574,10 +573,9 @@ def test_a_set_of_files_is_replaced_together_or_not_at_all(tmp_path, monkeypatch
     tables = [tmp_path / "train_img.csv", tmp_path / "test_img.csv"]
     for path in tables:
         path.write_text("old\n")
-    with no_room_for(tables[1], monkeypatch), pytest.raises(DiskFull):
-        with runtime.atomic_writes(tables, "w") as files:
-            for f in files:
-                f.write("new\n")
+    with no_room_for(tables[1], monkeypatch), pytest.raises(DiskFull), runtime.atomic_writes(tables, "w") as files:
+        for f in files:
+            f.write("new\n")
     assert [p.read_text() for p in tables] == ["old\n", "old\n"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["test_img.csv", "train_img.csv"]
 
@@ -651,3 +649,30 @@ def test_disk_full_comes_back_from_a_worker_whole():
     assert isinstance(back, OSError) and isinstance(back, runtime.RunFailed)
     assert (back.errno, back.filename, str(back)) == (errno.EDQUOT, "/data/out/images/x.jpeg", str(err))
     assert str(err).startswith("your disk quota on /data/out/images is used up: x.jpeg could not be written")
+
+
+def test_the_demo_set_clears_what_a_killed_generator_left_and_a_full_disk_keeps_the_old_set(tmp_path, capsys,
+                                                                                             monkeypatch, dead_pid):
+    # synthetic.py writes the set into a hidden folder and moves it into place whole (OWN_WAY above)
+    import synthetic
+
+    root = tmp_path / "demo"
+    tiny = ["--root", str(root), "--train", "5", "--test", "5", "--size", "16", "--workers", "1"]
+    synthetic.main(tiny)
+    before = {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    dead, live = (tmp_path / f".demo.partial-{dead_pid}", tmp_path / ".demo.old-1")  # pid 1 always runs
+    for folder in (dead, live):
+        (folder / "images").mkdir(parents=True)
+    capsys.readouterr()
+
+    def full(folder, splits):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder / "train_img.csv"))
+    monkeypatch.setattr(synthetic, "write_csvs", full)
+    with pytest.raises(SystemExit) as failed:
+        synthetic.main([*tiny[:3], "6", *tiny[4:]])  # another set: the old one would be replaced
+    err = capsys.readouterr().err.strip()
+    assert failed.value.code == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "demo could not be written" in err and "nothing was replaced" in err, err
+    assert {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+    assert not dead.exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".demo.old-1", "demo"]
