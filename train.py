@@ -120,7 +120,8 @@ def build_parser() -> Parser:
                    help="NHWC memory format, faster convolutions on tensor cores and oneDNN")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g = p.add_argument_group("output")
-    g.add_argument("--run-name", default=None, help="default: <model>_pretrained or <model>_scratch")
+    g.add_argument("--run-name", default=None, help="default: <model>_pretrained or <model>_scratch, then _mse "
+                   "or _ordinal for those --loss values (resnet50_pretrained_ordinal)")
     g.add_argument("--checkpoint-dir", default="checkpoints")
     g.add_argument("--log-dir", default="logs")
     g.add_argument("--resume", default=None, metavar="PATH|auto",
@@ -188,7 +189,8 @@ def resolve_args(argv: list[str]) -> tuple[argparse.Namespace, dict | None]:
     if args.two_eye and args.resume in (None, "auto"):
         args = with_encoder(args, explicit_flags(parser, argv), parser)
     kind = "pretrained" if is_pretrained(vars(args)) else "scratch"
-    args = argparse.Namespace(**{**vars(args), "run_name": args.run_name or f"{args.model}_{kind}"})
+    objective = "" if args.loss == "ce" else f"_{args.loss}"  # the lab's run keeps the lab's name
+    args = argparse.Namespace(**{**vars(args), "run_name": args.run_name or f"{args.model}_{kind}{objective}"})
     if args.resume == "auto":
         last = Path(args.checkpoint_dir) / args.run_name / "last.pt"
         args.resume = str(last) if last.is_file() else None

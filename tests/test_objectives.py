@@ -101,16 +101,16 @@ def base(root, out, *extra):
 def objective_run(request, tiny_demo, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"objective_{request.param}")
     train.main(base(tiny_demo, out, "--loss", request.param, "--epochs", "2", "--select", "kappa"))
-    return request.param, out, out / "checkpoints" / "resnet18_scratch" / "best.pt"
+    return request.param, out, out / "checkpoints" / f"resnet18_scratch_{request.param}" / "best.pt"
 
 
 def test_a_run_resumes_bit_for_bit(objective_run, tiny_demo, tmp_path):
     loss, out, _ = objective_run
     train.main(base(tiny_demo, tmp_path, "--loss", loss, "--epochs", "1", "--select", "kappa"))
-    last = tmp_path / "checkpoints" / "resnet18_scratch" / "last.pt"
+    last = tmp_path / "checkpoints" / f"resnet18_scratch_{loss}" / "last.pt"
     train.main(["--resume", str(last), "--epochs", "2", "--quiet"])
     resumed = runtime.load_checkpoint(last)
-    whole = runtime.load_checkpoint(out / "checkpoints" / "resnet18_scratch" / "last.pt")
+    whole = runtime.load_checkpoint(out / "checkpoints" / f"resnet18_scratch_{loss}" / "last.pt")
     assert resumed["objective"] == loss and resumed["best_metric_name"] == "val_kappa"
     for key, tensor in whole["model"].items():
         assert torch.equal(resumed["model"][key], tensor), key
@@ -127,7 +127,7 @@ def test_every_number_follows_from_the_predictions_through_the_objective(objecti
     loss, out, best = objective_run
     objective = objectives.OBJECTIVES[loss]
     evaluate.main([str(best), "--workers", "0", "--quiet", "--figure-dir", str(tmp_path)])
-    result = json.loads((out / "logs" / "resnet18_scratch_eval.json").read_text())
+    result = json.loads((out / "logs" / f"resnet18_scratch_{loss}_eval.json").read_text())
     test = pd.read_csv(result["predictions"], dtype={"image": str})
     assert result["objective"] == loss and list(test.columns) == evaluate.PREDICTION_COLUMNS
     grades, score = test["grade"].to_numpy(), test["score"].to_numpy()
@@ -147,8 +147,8 @@ def test_every_number_follows_from_the_predictions_through_the_objective(objecti
                                                               labels=range(5)))
     assert result["referable"]["auc"] == pytest.approx(roc_auc_score(grades >= 2, referable))
     # the log's best epoch measured the same weights the same way
-    log = pd.read_csv(out / "logs" / "resnet18_scratch.csv")
-    epoch = json.loads((out / "logs" / "resnet18_scratch.json").read_text())["best_epoch"]
+    log = pd.read_csv(out / "logs" / f"resnet18_scratch_{loss}.csv")
+    epoch = json.loads((out / "logs" / f"resnet18_scratch_{loss}.json").read_text())["best_epoch"]
     assert log["test_kappa"].iloc[epoch - 1] == pytest.approx(result["kappa"], abs=1e-6)
     assert log["test_loss"].iloc[epoch - 1] == pytest.approx(
         objective.eval_loss(torch.as_tensor(test[evaluate.summary_columns(objective)].to_numpy()),
@@ -161,7 +161,7 @@ def test_tta_images_export_and_plot_go_through_the_objective(objective_run, tiny
 
     loss, out, best = objective_run
     evaluate.main([str(best), "--workers", "0", "--quiet", "--tta", "--figure-dir", str(tmp_path)])
-    tta = json.loads((out / "logs" / "resnet18_scratch_tta_eval.json").read_text())
+    tta = json.loads((out / "logs" / f"resnet18_scratch_{loss}_tta_eval.json").read_text())
     assert tta["tta"] and tta["objective"] == loss
     photos = sorted((tiny_demo / "images").glob("*.jpeg"))[:3]
     table = tmp_path / "grades.csv"
@@ -175,13 +175,13 @@ def test_tta_images_export_and_plot_go_through_the_objective(objective_run, tiny
 
     assert deploy.read_metadata(onnx_file)["objective"] == loss
     evaluate.main([str(onnx_file), "--workers", "0", "--quiet", "--figure-dir", str(tmp_path)])
-    exported = json.loads((out / "logs" / "resnet18_scratch_onnx_eval.json").read_text())
-    plain = json.loads((out / "logs" / "resnet18_scratch_eval.json").read_text()) if (
-        out / "logs" / "resnet18_scratch_eval.json").is_file() else None
+    exported = json.loads((out / "logs" / f"resnet18_scratch_{loss}_onnx_eval.json").read_text())
+    plain = json.loads((out / "logs" / f"resnet18_scratch_{loss}_eval.json").read_text()) if (
+        out / "logs" / f"resnet18_scratch_{loss}_eval.json").is_file() else None
     if plain is not None:
         assert exported["kappa"] == pytest.approx(plain["kappa"]) and exported["accuracy"] == plain["accuracy"]
     plot.main([str(out / "logs"), "--out", str(tmp_path / "figures")])
     summary = (tmp_path / "figures" / "summary.md").read_text()
     assert f"| ResNet18 | no | {loss} |" in summary
     assert (tmp_path / "figures" / f"comparison_resnet18_{loss}.png").is_file()
-    assert (tmp_path / "figures" / "reliability_resnet18_scratch.png").is_file() == (loss != "mse")
+    assert (tmp_path / "figures" / f"reliability_resnet18_scratch_{loss}.png").is_file() == (loss != "mse")

@@ -53,9 +53,9 @@ def encoder_run(tiny_demo, tmp_path_factory):
     out = tmp_path_factory.mktemp("two_eye")
     train.main(base(out, "--data-root", str(tiny_demo), "--image-size", "32", "--batch-size", "8", "--epochs", "1",
                     "--loss", "mse", "--optimizer", "adamw", "--val-fraction", "0.3"))
-    encoder = out / "checkpoints" / "resnet18_scratch" / "best.pt"
+    encoder = out / "checkpoints" / "resnet18_scratch_mse" / "best.pt"
     train.main(base(out, "--two-eye", str(encoder), "--epochs", "4", "--batch-size", "8"))
-    return out, encoder, out / "checkpoints" / "resnet18_scratch_two_eye"
+    return out, encoder, out / "checkpoints" / "resnet18_scratch_mse_two_eye"
 
 
 def test_the_run_takes_its_encoders_recipe_and_resumes_bit_for_bit(encoder_run, tmp_path):
@@ -80,13 +80,13 @@ def test_the_run_takes_its_encoders_recipe_and_resumes_bit_for_bit(encoder_run, 
         with pytest.raises(SystemExit) as stopped:
             train.main(base(tmp_path, "--two-eye", str(encoder), "--epochs", "4", "--batch-size", "8"))
     assert stopped.value.code == 128 + signal.SIGTERM
-    part = tmp_path / "checkpoints" / "resnet18_scratch_two_eye" / "last.pt"
+    part = tmp_path / "checkpoints" / "resnet18_scratch_mse_two_eye" / "last.pt"
     assert runtime.load_checkpoint(part)["epoch"] == 3
     train.main(["--resume", str(part), "--quiet"])
     resumed = runtime.load_checkpoint(part)
     for key, tensor in last["two_eye"]["head"].items():
         assert torch.equal(resumed["two_eye"]["head"][key], tensor), key
-    a, b = (pd.read_csv(d / "logs" / "resnet18_scratch_two_eye.csv") for d in (tmp_path, out))
+    a, b = (pd.read_csv(d / "logs" / "resnet18_scratch_mse_two_eye.csv") for d in (tmp_path, out))
     pd.testing.assert_frame_equal(a.drop(columns=["seconds", "images_per_s"]), b.drop(columns=["seconds", "images_per_s"]))
 
 
@@ -94,9 +94,9 @@ def test_evaluate_grades_each_eye_with_its_partner_as_the_log_did(encoder_run, t
     out, _, run_dir = encoder_run
     evaluate.main([str(run_dir / "best.pt"), "--workers", "0", "--quiet", "--figure-dir", str(tmp_path),
                    "--cam-per-grade", "1"])
-    result = json.loads((out / "logs" / "resnet18_scratch_two_eye_eval.json").read_text())
-    log = pd.read_csv(out / "logs" / "resnet18_scratch_two_eye.csv")
-    best = json.loads((out / "logs" / "resnet18_scratch_two_eye.json").read_text())
+    result = json.loads((out / "logs" / "resnet18_scratch_mse_two_eye_eval.json").read_text())
+    log = pd.read_csv(out / "logs" / "resnet18_scratch_mse_two_eye.csv")
+    best = json.loads((out / "logs" / "resnet18_scratch_mse_two_eye.json").read_text())
     assert best["two_eye"]["pairs"]["test"]["with_partner"] > 0 and best["objective"] == "mse"
     row = log.iloc[best["best_epoch"] - 1]
     assert result["kappa"] == pytest.approx(row["test_kappa"], abs=1e-6) and result["accuracy"] == row["test_acc"]
@@ -106,7 +106,7 @@ def test_evaluate_grades_each_eye_with_its_partner_as_the_log_did(encoder_run, t
     assert result["weights_digest"] == best["best_weights_digest"] != result["two_eye"]["encoder_weights_digest"]
     plot.main([str(out / "logs"), "--out", str(tmp_path / "figures")])
     summary = (tmp_path / "figures" / "summary.md").read_text()
-    assert "| resnet18_scratch_two_eye | ResNet18 | no | mse, two-eye |" in summary
+    assert "| resnet18_scratch_mse_two_eye | ResNet18 | no | mse, two-eye |" in summary
     assert (tmp_path / "figures" / "comparison_resnet18_mse_two_eye.png").is_file()
 
 
@@ -144,9 +144,9 @@ def test_the_exported_two_eye_file_grades_as_the_checkpoint(encoder_run, tmp_pat
     assert meta["objective"] == "mse" and "partner_images" in meta["input"]
     assert meta["checked_against_pytorch"]["max_difference"] < 1e-4
     evaluate.main([str(target), "--workers", "0", "--quiet", "--figure-dir", str(tmp_path)])
-    exported = json.loads((out / "logs" / "resnet18_scratch_two_eye_onnx_eval.json").read_text())
-    log = pd.read_csv(out / "logs" / "resnet18_scratch_two_eye.csv")
-    best = json.loads((out / "logs" / "resnet18_scratch_two_eye.json").read_text())["best_epoch"]
+    exported = json.loads((out / "logs" / "resnet18_scratch_mse_two_eye_onnx_eval.json").read_text())
+    log = pd.read_csv(out / "logs" / "resnet18_scratch_mse_two_eye.csv")
+    best = json.loads((out / "logs" / "resnet18_scratch_mse_two_eye.json").read_text())["best_epoch"]
     assert exported["kappa"] == pytest.approx(log["test_kappa"].iloc[best - 1], abs=1e-6)
     assert exported["two_eye"]["with_partner"] > 0
 
