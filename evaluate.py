@@ -241,6 +241,7 @@ def inference_setup(checkpoint: dict, source, device: torch.device):
 
 # --------------------------------------------------------------------------- exported models
 EXPORTED = "exported"  # the key a model record read from an .onnx file has, and a checkpoint has not
+EXPORTED_WEIGHTS = "exported_weights"  # and what its graph's weights were checked to be (graph_weights)
 
 
 def load_model_file(path) -> dict:
@@ -254,8 +255,28 @@ def load_model_file(path) -> dict:
     if not isinstance(meta.get("checkpoint"), dict):
         raise UserError(f"{path} is an ONNX model, but not one export.py wrote (its metadata has no checkpoint "
                         "record); export the checkpoint with export.py")
-    return {**meta["checkpoint"], EXPORTED: {"path": str(path), "precision": meta.get("precision", "fp32"),
-                                             "parameters": int(meta.get("parameters", 0))}}
+    record = {**meta["checkpoint"], EXPORTED: {"path": str(path), "precision": meta.get("precision", "fp32"),
+                                               "parameters": int(meta.get("parameters", 0))}}
+    return {**record, **graph_weights(path, meta)}
+
+
+def graph_weights(path, meta: dict) -> dict:
+    """The weights digest an evaluation of an exported file is reported under, from the graph that runs: the
+    checkpoint's digest (as export.py recorded it) only when the file's initializers still give the digest
+    export.py recorded of them (graph_weights_digest); else the graph's own digest, with the metadata's kept
+    as claimed_weights_digest and one line saying so. So a file whose weights were changed after export (an
+    fc zeroed) is never reported, nor listed by plot.py, as the run's checkpoint."""
+    graph = deploy.graph_digest(path)
+    claimed = meta["checkpoint"].get("weights_digest")
+    recorded = meta.get("graph_weights_digest")
+    fields = {"graph_weights_digest": graph, "claimed_weights_digest": None}
+    if recorded == graph and claimed:
+        return {"weights_digest": claimed, EXPORTED_WEIGHTS: fields}
+    why = (f"its graph's weights (digest {graph[:12]}) are not those export.py wrote (digest {str(recorded)[:12]})"
+           if recorded else "it records no digest of its graph's weights (exported before export.py wrote one)")
+    print(f"evaluate.py: {path}: {why}, so its metadata's claim to hold checkpoint weights {str(claimed)[:12]} "
+          f"is not taken: reported under the graph's own digest {graph[:12]}; export the checkpoint again")
+    return {"weights_digest": graph, EXPORTED_WEIGHTS: {**fields, "claimed_weights_digest": claimed}}
 
 
 def make_grader(checkpoint: dict, source, device: torch.device):
@@ -923,6 +944,7 @@ def deployment_fields(checkpoint: dict, path, device: torch.device) -> dict:
               "cost": cost_of_a_grade(checkpoint, path, device)}
     if EXPORTED in checkpoint:
         fields["precision"] = checkpoint[EXPORTED]["precision"]
+        fields.update(checkpoint.get(EXPORTED_WEIGHTS, {}))
     return fields
 
 
