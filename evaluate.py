@@ -405,7 +405,10 @@ def evaluate_checkpoint(checkpoint: dict, table: dataloader.FundusTable, device:
 
 
 PROBABILITY_COLUMNS = [f"p{g}" for g in GRADES]
-PREDICTION_COLUMNS = ["image", "grade", "pred", "score", *PROBABILITY_COLUMNS]
+# Where every row of a predictions table came from, the same in each row (constant columns, so that the file
+# read alone, or copied elsewhere, still names the checkpoint, its weights, the split and the dataset)
+PREDICTION_PROVENANCE = ["checkpoint", "weights_digest", "split", "dataset"]
+PREDICTION_COLUMNS = ["image", "grade", "pred", "score", *PROBABILITY_COLUMNS, *PREDICTION_PROVENANCE]
 
 
 def summary_columns(objective: objectives.Objective) -> list[str]:
@@ -414,11 +417,12 @@ def summary_columns(objective: objectives.Objective) -> list[str]:
 
 
 def write_predictions(path: Path, table: dataloader.FundusTable, summaries: np.ndarray,
-                      objective: objectives.Objective):
+                      objective: objectives.Objective, provenance: dict | None = None):
     """One row per evaluated image (PREDICTION_COLUMNS, `image` as the split's CSV names it): the true grade,
     the objective's grade and continuous score, and its probabilities (empty for a regression), to 6
-    decimals; returns the table as read back from the file, so that every number computed from it follows
-    from the file alone (the grade and score are recomputed from the rounded summaries)."""
+    decimals, then PREDICTION_PROVENANCE from `provenance` (prediction_provenance); returns the table as read back
+    from the file, so that every number computed from it follows from the file alone (the grade and score are
+    recomputed from the rounded summaries)."""
     import io
 
     import pandas as pd
@@ -430,10 +434,25 @@ def write_predictions(path: Path, table: dataloader.FundusTable, summaries: np.n
                           "pred": numbers["grade"], "score": np.round(numbers["score"], 6),
                           **{c: rounded[:, g] if objective.probabilities else np.nan
                              for g, c in enumerate(PROBABILITY_COLUMNS)}})
+    for column in PREDICTION_PROVENANCE if provenance is not None else ():
+        frame[column] = provenance[column]
     text = frame.to_csv(index=False, float_format="%.6f")
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, text)
-    return pd.read_csv(io.StringIO(text), dtype={"image": str})
+    return pd.read_csv(io.StringIO(text), dtype={"image": str, **{c: str for c in PREDICTION_PROVENANCE}})
+
+
+def prediction_provenance(args, checkpoint: dict, table: dataloader.FundusTable, split: str) -> dict:
+    """The constant columns of a predictions table (PREDICTION_PROVENANCE): the model file evaluated, the digest
+    of the weights that ran (weights_digest, as the metrics JSON records it), the split and the dataset."""
+    return {"checkpoint": str(args.checkpoint), "weights_digest": reported_digest(checkpoint), "split": split,
+            "dataset": table.dataset or "data"}
+
+
+def reported_digest(checkpoint: dict) -> str:
+    """The weights digest an evaluation is reported under: an exported file's from its graph (graph_weights), a
+    checkpoint's of everything that grades (runtime.checkpoint_digest)."""
+    return checkpoint.get("weights_digest") or checkpoint_digest(checkpoint)
 
 
 def split_scores(predictions, reference, objective: objectives.Objective) -> dict:
@@ -553,7 +572,11 @@ def grad_cam(model: torch.nn.Module, x: torch.Tensor, grade: torch.Tensor, objec
     return cam / cam.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
 
 
-PHOTO_COLUMNS = ["path", "status", "reason", "quality", "grade", "score", "confidence", *PROBABILITY_COLUMNS]
+# Where each grade of --images came from, the same in every row: the model file, the digest of the weights that
+# ran, and the gradability check (fundus.check_version of its fitted model) at the operating point it judged at
+PHOTO_PROVENANCE = ["checkpoint", "weights_digest", "quality_check", "min_quality"]
+PHOTO_COLUMNS = ["path", "status", "reason", "quality", "grade", "score", "confidence", *PROBABILITY_COLUMNS,
+                 *PHOTO_PROVENANCE]
 
 
 def predict_photos(checkpoint: dict, paths: list[Path], device: torch.device, batch_size: int, workers: int,
@@ -595,7 +618,8 @@ def predict_photos(checkpoint: dict, paths: list[Path], device: torch.device, ba
                                outputs, rows)
             for k in chunk:
                 rows[order[k]]["partner"] = str(paths[order[partner[k]]]) if partner[k] >= 0 else ""
-    table = pd.DataFrame([rows[i] for i in range(len(paths))], columns=PHOTO_COLUMNS + (["partner"] if two_eye else []))
+    columns = [c for c in PHOTO_COLUMNS if c not in PHOTO_PROVENANCE] + (["partner"] if two_eye else [])
+    table = pd.DataFrame([rows[i] for i in range(len(paths))], columns=columns)
     return table.astype({"grade": "Int64"})
 
 
@@ -699,6 +723,9 @@ def grade_photos(args, checkpoint: dict, device: torch.device, workers: int) -> 
     cam_dir = Path(args.cam) if args.cam else None
     table = predict_photos(checkpoint, paths, device, args.batch_size, workers, args.tta, cam_dir, args.force,
                            show=not args.quiet, min_quality=args.min_quality)
+    provenance = photo_provenance(args, checkpoint)
+    table = table.assign(**provenance)
+    print(provenance_line(checkpoint, provenance))
     for row in table.itertuples():
         if row.status == GRADED:
             probs = " ".join(f"{getattr(row, f'p{g}'):.3f}" for g in GRADES)
@@ -723,6 +750,21 @@ def grade_photos(args, checkpoint: dict, device: torch.device, workers: int) -> 
         print(f"wrote {args.out}")
     if cam_dir is not None and counts.get(GRADED):
         print(f"wrote {counts.get(GRADED)} Grad-CAM figures to {cam_dir}/")
+
+
+def photo_provenance(args, checkpoint: dict) -> dict:
+    """The constant columns of the --images table (PHOTO_PROVENANCE)."""
+    min_quality = fundus.quality_model()["min_quality"] if args.min_quality is None else args.min_quality
+    return {"checkpoint": str(args.checkpoint), "weights_digest": reported_digest(checkpoint),
+            "quality_check": fundus.check_version(), "min_quality": float(min_quality)}
+
+
+def provenance_line(checkpoint: dict, provenance: dict) -> str:
+    """The line --images prints before its grades: what graded them, and what judged them gradable."""
+    run = checkpoint["config"].get("run_name") or Path(provenance["checkpoint"]).parent.name
+    return (f"graded by {provenance['checkpoint']} (run {run}, epoch {checkpoint.get('epoch', '?')}, weights "
+            f"{provenance['weights_digest'][:12]}); quality check {provenance['quality_check']} at min quality "
+            f"{provenance['min_quality']:.2f}")
 
 
 def report_name(name: str, split: str, external: bool = False) -> str:
@@ -775,10 +817,12 @@ def evaluate_split_command(args, checkpoint: dict, device: torch.device, workers
                                       workers=workers, tta=args.tta, show=not args.quiet)
     objective = objectives.of(checkpoint)
     summaries = predict_split(table=table)
-    predictions = write_predictions(outputs["predictions"], table, summaries, objective)
+    predictions = write_predictions(outputs["predictions"], table, summaries, objective,
+                                    prediction_provenance(args, checkpoint, table, args.split))
     reference_csv = outputs.get("reference")
-    chosen = None if reference is None else (write_predictions(reference_csv, getattr(*reference), predict_split(
-        table=getattr(*reference)), objective), reference[1])
+    chosen = None if reference is None else (write_predictions(
+        reference_csv, getattr(*reference), predict_split(table=getattr(*reference)), objective,
+        prediction_provenance(args, checkpoint, getattr(*reference), reference[1])), reference[1])
     scores = split_scores(predictions, chosen, objective)
     result = {"run_name": run_name, "arch": checkpoint["arch"], "pretrained": is_pretrained(checkpoint["config"]),
               "objective": objective.name,
