@@ -806,6 +806,7 @@ def evaluate_split_command(args, checkpoint: dict, device: torch.device, workers
     fundus = run_data(checkpoint, args)
     table = reported_table(fundus, args.split)
     on = evaluated_on(checkpoint, args, fundus, table)
+    table, overlap = without_training_photos(checkpoint, table) if on else (table, None)
     label = run_name + model_label(checkpoint)  # an exported file's evaluations sit beside the checkpoint's
     base = f"{label}_tta" if args.tta else label  # the run's own predictions, whatever data is reported
     name = f"{label}_on_{on}{'_tta' if args.tta else ''}" if on else base
@@ -827,12 +828,13 @@ def evaluate_split_command(args, checkpoint: dict, device: torch.device, workers
     result = {"run_name": run_name, "arch": checkpoint["arch"], "pretrained": is_pretrained(checkpoint["config"]),
               "objective": objective.name,
               "checkpoint": str(args.checkpoint), "epoch": checkpoint["epoch"],
-              "weights_digest": checkpoint.get("weights_digest") or checkpoint_digest(checkpoint),
+              "weights_digest": reported_digest(checkpoint),
               "two_eye": two_eye_fields(checkpoint, table),
               "split": args.split,
               "data_digest": table.digest(), "num_images": len(predictions), "tta": args.tta,
               "predictions": str(outputs["predictions"]),
               "reference_predictions": str(reference_csv) if reference_csv else None, **scores,
+              "training_overlap": overlap,
               **dataset_fields(table, on, summaries, objective), **deployment_fields(checkpoint, args.checkpoint, device)}
     outputs["out"].parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(outputs["out"], json.dumps(result, indent=2))
@@ -962,6 +964,51 @@ def evaluated_on(checkpoint: dict, args, fundus: dataloader.FundusData, table: d
         root = checkpoint.get("data", {}).get("root")
         own = root is not None and Path(args.data_root).resolve() == Path(root).resolve()
     return None if own else (table.dataset or "data")
+
+
+IN_TRAINING = "in the run's training data"  # the reason an external photo is left out (without_training_photos)
+
+
+def without_training_photos(checkpoint: dict, table: dataloader.FundusTable):
+    """(the table, what was found) for an evaluation on another dataset: photos that are photos the run trained
+    or chose best.pt on (its train and val splits; dataloader.shared_photos: the same name and bytes, or the same
+    bytes under another name) are left out, counted, and said in one line, so that no external figure is
+    measured on photos the model saw. Photos that only share a name with one of them (other bytes) are kept and
+    counted: the figures are marked with them. When the run's own data is not here, nothing can be checked, and
+    that is said and recorded."""
+    try:
+        own = dataloader.load_run_data(checkpoint["config"], checkpoint.get("data", {}), log=lambda *a, **k: None)
+    except UserError as err:
+        print(f"evaluate.py: not checked for photos the run trained on: its own data is not here ({err})")
+        return table, {"checked": False, "why": str(err)}
+    splits = [name for name in ("train", "val") if getattr(own, name) is not None]
+    found = dataloader.shared_photos(table, [getattr(own, name) for name in splits])
+    left_out = found["by_name"] | found["by_content"]
+    record = {"checked": True, "against": splits, "left_out": int(left_out.sum()),
+              "by_name": int(found["by_name"].sum()), "by_content": int(found["by_content"].sum()),
+              "same_name_other_bytes": int(found["same_name_only"].sum())}
+    if left_out.any():
+        example = Path(table.paths[np.flatnonzero(left_out)[0]]).name
+        print(f"evaluate.py: left out {record['left_out']} of {len(table)} photos of {table.dataset}, the run's own "
+              f"{' and '.join(splits)} photos ({record['by_name']} by name and content, {record['by_content']} by "
+              f"content under another name; first: {example}): an external figure is of photos the model did not "
+              "see")
+        kept = np.flatnonzero(~left_out)
+        if not len(kept):
+            raise UserError(f"every photo of {table.source} is a photo the run trained or chose on; there is "
+                            "nothing external to evaluate")
+        excluded = {**table.excluded, IN_TRAINING: table.excluded.get(IN_TRAINING, 0) + record["left_out"]}
+        table = dataclasses.replace(table.subset(kept, table.source), excluded=excluded)
+    of_test = dataloader.shared_photos(table, [own.test])
+    record["of_own_test"] = int((of_test["by_name"] | of_test["by_content"]).sum())
+    if record["of_own_test"]:
+        print(f"evaluate.py: note: {record['of_own_test']} of the {len(table)} photos evaluated are photos of the "
+              "run's own test split: kept, but those figures are not of other data")
+    if record["same_name_other_bytes"]:
+        print(f"evaluate.py: note: {record['same_name_other_bytes']} photos of {table.dataset} share a name with a "
+              f"photo of the run's {' or '.join(splits)} split but not its bytes: kept (another photo under the "
+              "same naming scheme, or the same one re-encoded or cropped, which is not told apart here)")
+    return table, record
 
 
 def dataset_fields(table: dataloader.FundusTable, on: str | None, summaries: np.ndarray,
