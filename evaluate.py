@@ -266,7 +266,12 @@ def graph_weights(path, meta: dict) -> dict:
     export.py recorded of them (graph_weights_digest); else the graph's own digest, with the metadata's kept
     as claimed_weights_digest and one line saying so. So a file whose weights were changed after export (an
     fc zeroed) is never reported, nor listed by plot.py, as the run's checkpoint."""
-    graph = deploy.graph_digest(path)
+    try:
+        graph = deploy.graph_digest(path)
+    except Exception as err:  # noqa: BLE001 (onnx raises its own classes, and numpy's, on a graph it cannot read)
+        detail = " ".join(str(err).split())[:120]
+        raise UserError(f"cannot read the weights of {path}'s graph, so what ran could not be told "
+                        f"({type(err).__name__}: {detail}); export the checkpoint again") from None
     claimed = meta["checkpoint"].get("weights_digest")
     recorded = meta.get("graph_weights_digest")
     fields = {"graph_weights_digest": graph, "claimed_weights_digest": None}

@@ -173,3 +173,37 @@ def test_an_external_set_holding_the_runs_training_photos_is_evaluated_without_t
     assert "1 photos of aptos share a name with a photo of the run's train split but not its bytes: kept" in printed
     predictions = pd.read_csv(result["predictions"], dtype={"image": str})
     assert not set(predictions["image"]) & {n for n, _ in rows[:5]}
+
+
+def test_an_external_set_of_training_photos_only_is_one_sentence_and_exit_2(run, tmp_path, capsys):
+    own = dataloader.load_fundus_data(run["demo"], log=lambda *a, **k: None)
+    other = tmp_path / "copy"
+    (other / "train_images").mkdir(parents=True)
+    for k, path in enumerate(own.train.paths[:4]):  # two by name, two renamed
+        shutil.copy(path, other / "train_images" / (f"{dataloader.Path(path).stem}.jpeg" if k < 2 else f"r{k}.jpeg"))
+    names = [dataloader.Path(p).stem for p in own.train.paths[:2]] + ["r2", "r3"]
+    (other / "train.csv").write_text("id_code,diagnosis\n" + "".join(f"{n},{g}\n" for n, g in
+                                                                    zip(names, own.train.grades[:4])))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_quietly(run["best"], "--data-root", other, "--split", "all", "--figure-dir", tmp_path / "figures")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "is a photo the run trained or chose on; there is nothing external to evaluate" in err
+    assert not (tmp_path / "figures").exists()
+
+
+def test_a_graph_whose_weights_cannot_be_read_is_one_sentence_and_exit_2(run, tmp_path, monkeypatch, capsys):
+    exported = run["best"].with_suffix(".onnx")
+    if not exported.exists():
+        export.main([str(run["best"]), "--check-images", "8"])
+
+    def unreadable(model):
+        raise ValueError("external data file not found")
+    monkeypatch.setattr(deploy, "graph_digest", unreadable)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_quietly(exported, "--figure-dir", tmp_path / "figures")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert f"cannot read the weights of {exported}'s graph" in err and "external data file not found" in err
