@@ -570,6 +570,39 @@ def check_no_shared_photos(fundus: FundusData) -> None:
                                 "split")
 
 
+def content_digest(path) -> str:
+    """sha1 of a file's bytes, read a chunk at a time: what tells the same photo under another name (the data
+    card's --hash, evaluate.py's check of another dataset against the run's training photos)."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def shared_photos(photos: FundusTable, others: list[FundusTable]) -> dict[str, np.ndarray]:
+    """Which of `photos` are photos of `others` (a run's training and validation splits): by_name, a photo of
+    the same name (file name without extension) and the same bytes; by_content, the same bytes under another
+    name; same_name_only, the same name with other bytes (another photo that shares a naming scheme, or the
+    same one re-encoded or cropped: not told apart here). Boolean masks over `photos`. Only files of a size
+    that occurs on both sides are read (content_digest)."""
+    mine = [Path(p) for p in photos.paths]
+    theirs = [Path(p) for table in others for p in table.paths]
+    sizes = {}
+    for path in theirs:
+        sizes.setdefault(path.stat().st_size, []).append(path)
+    size_of = [path.stat().st_size for path in mine]
+    candidates = {path for i, path in enumerate(mine) if size_of[i] in sizes}
+    candidates |= {other for i in range(len(mine)) if size_of[i] in sizes for other in sizes[size_of[i]]}
+    digests = {path: content_digest(path) for path in sorted(candidates)}
+    their_digests = {digests[path] for path in theirs if path in digests}
+    their_names = {path.stem for path in theirs}
+    same_bytes = np.array([path in digests and digests[path] in their_digests for path in mine], dtype=bool)
+    same_name = np.array([path.stem in their_names for path in mine], dtype=bool)
+    return {"by_name": same_name & same_bytes, "by_content": same_bytes & ~same_name,
+            "same_name_only": same_name & ~same_bytes}
+
+
 def duplicates(fundus: FundusData, by_content: bool) -> list[str]:
     """Photos listed twice in a split, photos and patients in more than one split (a leak between train
     and test); with by_content, files with the same bytes under different names (reads every file)."""
@@ -588,7 +621,7 @@ def duplicates(fundus: FundusData, by_content: bool) -> list[str]:
     if by_content:
         groups: dict[str, list[str]] = {}
         for path in sorted({p for listed in paths.values() for p in listed}):
-            groups.setdefault(hashlib.sha1(Path(path).read_bytes()).hexdigest(), []).append(path)
+            groups.setdefault(content_digest(path), []).append(path)
         same = [group for group in groups.values() if len(group) > 1]
         lines.append(f"identical files under different names: {len(same)} groups"
                      + (f" (first: {' = '.join(same[0])})" if same else ""))

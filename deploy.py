@@ -184,6 +184,51 @@ def read_metadata(path) -> dict:
     return out
 
 
+def graph_digest(model) -> str:
+    """sha256 of the weights an ONNX graph runs with (a ModelProto, a file path or the file's bytes): every
+    initializer and every Constant node's tensor (names, dtypes, shapes and values, in name order), as
+    runtime.weights_digest covers a checkpoint's. export.py folds BatchNorm into the convolutions (and --int8
+    quantises them), so this digest differs from the checkpoint's: export.py records both, and evaluate.py
+    recomputes this one from the file it runs. Metadata, names of nodes and the graph's structure are not
+    covered."""
+    import hashlib
+
+    import onnx
+    from onnx import numpy_helper
+
+    if isinstance(model, (str, Path)):
+        model = onnx.load(str(model), load_external_data=False)
+    elif isinstance(model, (bytes, bytearray)):
+        model = onnx.load_from_string(bytes(model))
+    tensors = {}
+
+    def collect(graph, prefix: str) -> None:
+        for tensor in graph.initializer:
+            tensors[f"{prefix}{tensor.name}"] = tensor
+        for sparse in graph.sparse_initializer:
+            tensors[f"{prefix}{sparse.values.name}:sparse"] = sparse
+        for i, node in enumerate(graph.node):
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.TENSOR:
+                    tensors[f"{prefix}{node.name or i}.{attribute.name}"] = attribute.t
+                for sub in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
+                    collect(sub, f"{prefix}{node.name or i}.{attribute.name}/")
+
+    collect(model.graph, "")
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        if isinstance(tensor, onnx.SparseTensorProto):
+            values = [numpy_helper.to_array(tensor.values), numpy_helper.to_array(tensor.indices)]
+        else:
+            values = [numpy_helper.to_array(tensor)]
+        for array in values:
+            array = np.ascontiguousarray(array)
+            digest.update(f"{name}:{array.dtype}:{tuple(array.shape)}\n".encode())
+            digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
 # --------------------------------------------------------------------------- running it
 def session(model, threads: int | None = None):
     """An onnxruntime CPU session of a file path or the file's bytes, with every graph optimisation on."""

@@ -241,6 +241,7 @@ def inference_setup(checkpoint: dict, source, device: torch.device):
 
 # --------------------------------------------------------------------------- exported models
 EXPORTED = "exported"  # the key a model record read from an .onnx file has, and a checkpoint has not
+EXPORTED_WEIGHTS = "exported_weights"  # and what its graph's weights were checked to be (graph_weights)
 
 
 def load_model_file(path) -> dict:
@@ -254,8 +255,33 @@ def load_model_file(path) -> dict:
     if not isinstance(meta.get("checkpoint"), dict):
         raise UserError(f"{path} is an ONNX model, but not one export.py wrote (its metadata has no checkpoint "
                         "record); export the checkpoint with export.py")
-    return {**meta["checkpoint"], EXPORTED: {"path": str(path), "precision": meta.get("precision", "fp32"),
-                                             "parameters": int(meta.get("parameters", 0))}}
+    record = {**meta["checkpoint"], EXPORTED: {"path": str(path), "precision": meta.get("precision", "fp32"),
+                                               "parameters": int(meta.get("parameters", 0))}}
+    return {**record, **graph_weights(path, meta)}
+
+
+def graph_weights(path, meta: dict) -> dict:
+    """The weights digest an evaluation of an exported file is reported under, from the graph that runs: the
+    checkpoint's digest (as export.py recorded it) only when the file's initializers still give the digest
+    export.py recorded of them (graph_weights_digest); else the graph's own digest, with the metadata's kept
+    as claimed_weights_digest and one line saying so. So a file whose weights were changed after export (an
+    fc zeroed) is never reported, nor listed by plot.py, as the run's checkpoint."""
+    try:
+        graph = deploy.graph_digest(path)
+    except Exception as err:  # noqa: BLE001 (onnx raises its own classes, and numpy's, on a graph it cannot read)
+        detail = " ".join(str(err).split())[:120]
+        raise UserError(f"cannot read the weights of {path}'s graph, so what ran could not be told "
+                        f"({type(err).__name__}: {detail}); export the checkpoint again") from None
+    claimed = meta["checkpoint"].get("weights_digest")
+    recorded = meta.get("graph_weights_digest")
+    fields = {"graph_weights_digest": graph, "claimed_weights_digest": None}
+    if recorded == graph and claimed:
+        return {"weights_digest": claimed, EXPORTED_WEIGHTS: fields}
+    why = (f"its graph's weights (digest {graph[:12]}) are not those export.py wrote (digest {str(recorded)[:12]})"
+           if recorded else "it records no digest of its graph's weights (exported before export.py wrote one)")
+    print(f"evaluate.py: {path}: {why}, so its metadata's claim to hold checkpoint weights {str(claimed)[:12]} "
+          f"is not taken: reported under the graph's own digest {graph[:12]}; export the checkpoint again")
+    return {"weights_digest": graph, EXPORTED_WEIGHTS: {**fields, "claimed_weights_digest": claimed}}
 
 
 def make_grader(checkpoint: dict, source, device: torch.device):
@@ -384,7 +410,10 @@ def evaluate_checkpoint(checkpoint: dict, table: dataloader.FundusTable, device:
 
 
 PROBABILITY_COLUMNS = [f"p{g}" for g in GRADES]
-PREDICTION_COLUMNS = ["image", "grade", "pred", "score", *PROBABILITY_COLUMNS]
+# Where every row of a predictions table came from, the same in each row (constant columns, so that the file
+# read alone, or copied elsewhere, still names the checkpoint, its weights, the split and the dataset)
+PREDICTION_PROVENANCE = ["checkpoint", "weights_digest", "split", "dataset"]
+PREDICTION_COLUMNS = ["image", "grade", "pred", "score", *PROBABILITY_COLUMNS, *PREDICTION_PROVENANCE]
 
 
 def summary_columns(objective: objectives.Objective) -> list[str]:
@@ -393,11 +422,12 @@ def summary_columns(objective: objectives.Objective) -> list[str]:
 
 
 def write_predictions(path: Path, table: dataloader.FundusTable, summaries: np.ndarray,
-                      objective: objectives.Objective):
+                      objective: objectives.Objective, provenance: dict | None = None):
     """One row per evaluated image (PREDICTION_COLUMNS, `image` as the split's CSV names it): the true grade,
     the objective's grade and continuous score, and its probabilities (empty for a regression), to 6
-    decimals; returns the table as read back from the file, so that every number computed from it follows
-    from the file alone (the grade and score are recomputed from the rounded summaries)."""
+    decimals, then PREDICTION_PROVENANCE from `provenance` (prediction_provenance); returns the table as read back
+    from the file, so that every number computed from it follows from the file alone (the grade and score are
+    recomputed from the rounded summaries)."""
     import io
 
     import pandas as pd
@@ -409,10 +439,25 @@ def write_predictions(path: Path, table: dataloader.FundusTable, summaries: np.n
                           "pred": numbers["grade"], "score": np.round(numbers["score"], 6),
                           **{c: rounded[:, g] if objective.probabilities else np.nan
                              for g, c in enumerate(PROBABILITY_COLUMNS)}})
+    for column in PREDICTION_PROVENANCE if provenance is not None else ():
+        frame[column] = provenance[column]
     text = frame.to_csv(index=False, float_format="%.6f")
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, text)
-    return pd.read_csv(io.StringIO(text), dtype={"image": str})
+    return pd.read_csv(io.StringIO(text), dtype={"image": str, **{c: str for c in PREDICTION_PROVENANCE}})
+
+
+def prediction_provenance(args, checkpoint: dict, table: dataloader.FundusTable, split: str) -> dict:
+    """The constant columns of a predictions table (PREDICTION_PROVENANCE): the model file evaluated, the digest
+    of the weights that ran (weights_digest, as the metrics JSON records it), the split and the dataset."""
+    return {"checkpoint": str(args.checkpoint), "weights_digest": reported_digest(checkpoint), "split": split,
+            "dataset": table.dataset or "data"}
+
+
+def reported_digest(checkpoint: dict) -> str:
+    """The weights digest an evaluation is reported under: an exported file's from its graph (graph_weights), a
+    checkpoint's of everything that grades (runtime.checkpoint_digest)."""
+    return checkpoint.get("weights_digest") or checkpoint_digest(checkpoint)
 
 
 def split_scores(predictions, reference, objective: objectives.Objective) -> dict:
@@ -532,7 +577,11 @@ def grad_cam(model: torch.nn.Module, x: torch.Tensor, grade: torch.Tensor, objec
     return cam / cam.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
 
 
-PHOTO_COLUMNS = ["path", "status", "reason", "quality", "grade", "score", "confidence", *PROBABILITY_COLUMNS]
+# Where each grade of --images came from, the same in every row: the model file, the digest of the weights that
+# ran, and the gradability check (fundus.check_version of its fitted model) at the operating point it judged at
+PHOTO_PROVENANCE = ["checkpoint", "weights_digest", "quality_check", "min_quality"]
+PHOTO_COLUMNS = ["path", "status", "reason", "quality", "grade", "score", "confidence", *PROBABILITY_COLUMNS,
+                 *PHOTO_PROVENANCE]
 
 
 def predict_photos(checkpoint: dict, paths: list[Path], device: torch.device, batch_size: int, workers: int,
@@ -574,7 +623,8 @@ def predict_photos(checkpoint: dict, paths: list[Path], device: torch.device, ba
                                outputs, rows)
             for k in chunk:
                 rows[order[k]]["partner"] = str(paths[order[partner[k]]]) if partner[k] >= 0 else ""
-    table = pd.DataFrame([rows[i] for i in range(len(paths))], columns=PHOTO_COLUMNS + (["partner"] if two_eye else []))
+    columns = [c for c in PHOTO_COLUMNS if c not in PHOTO_PROVENANCE] + (["partner"] if two_eye else [])
+    table = pd.DataFrame([rows[i] for i in range(len(paths))], columns=columns)
     return table.astype({"grade": "Int64"})
 
 
@@ -676,6 +726,9 @@ def grade_photos(args, checkpoint: dict, device: torch.device, workers: int) -> 
     cam_dir = Path(args.cam) if args.cam else None
     table = predict_photos(checkpoint, paths, device, args.batch_size, workers, args.tta, cam_dir, args.force,
                            show=not args.quiet, min_quality=args.min_quality)
+    provenance = photo_provenance(args, checkpoint)
+    table = table.assign(**provenance)
+    print(provenance_line(checkpoint, provenance))
     for row in table.itertuples():
         if row.status == GRADED:
             probs = " ".join(f"{getattr(row, f'p{g}'):.3f}" for g in GRADES)
@@ -700,6 +753,21 @@ def grade_photos(args, checkpoint: dict, device: torch.device, workers: int) -> 
         print(f"wrote {args.out}")
     if cam_dir is not None and counts.get(GRADED):
         print(f"wrote {counts.get(GRADED)} Grad-CAM figures to {cam_dir}/")
+
+
+def photo_provenance(args, checkpoint: dict) -> dict:
+    """The constant columns of the --images table (PHOTO_PROVENANCE)."""
+    min_quality = fundus.quality_model()["min_quality"] if args.min_quality is None else args.min_quality
+    return {"checkpoint": str(args.checkpoint), "weights_digest": reported_digest(checkpoint),
+            "quality_check": fundus.check_version(), "min_quality": float(min_quality)}
+
+
+def provenance_line(checkpoint: dict, provenance: dict) -> str:
+    """The line --images prints before its grades: what graded them, and what judged them gradable."""
+    run = checkpoint["config"].get("run_name") or Path(provenance["checkpoint"]).parent.name
+    return (f"graded by {provenance['checkpoint']} (run {run}, epoch {checkpoint.get('epoch', '?')}, weights "
+            f"{provenance['weights_digest'][:12]}); quality check {provenance['quality_check']} at min quality "
+            f"{provenance['min_quality']:.2f}")
 
 
 def report_name(name: str, split: str, external: bool = False) -> str:
@@ -741,6 +809,7 @@ def evaluate_split_command(args, checkpoint: dict, device: torch.device, workers
     fundus = run_data(checkpoint, args)
     table = reported_table(fundus, args.split)
     on = evaluated_on(checkpoint, args, fundus, table)
+    table, overlap = without_training_photos(checkpoint, table) if on else (table, None)
     label = run_name + model_label(checkpoint)  # an exported file's evaluations sit beside the checkpoint's
     base = f"{label}_tta" if args.tta else label  # the run's own predictions, whatever data is reported
     name = f"{label}_on_{on}{'_tta' if args.tta else ''}" if on else base
@@ -752,20 +821,23 @@ def evaluate_split_command(args, checkpoint: dict, device: torch.device, workers
                                       workers=workers, tta=args.tta, show=not args.quiet)
     objective = objectives.of(checkpoint)
     summaries = predict_split(table=table)
-    predictions = write_predictions(outputs["predictions"], table, summaries, objective)
+    predictions = write_predictions(outputs["predictions"], table, summaries, objective,
+                                    prediction_provenance(args, checkpoint, table, args.split))
     reference_csv = outputs.get("reference")
-    chosen = None if reference is None else (write_predictions(reference_csv, getattr(*reference), predict_split(
-        table=getattr(*reference)), objective), reference[1])
+    chosen = None if reference is None else (write_predictions(
+        reference_csv, getattr(*reference), predict_split(table=getattr(*reference)), objective,
+        prediction_provenance(args, checkpoint, getattr(*reference), reference[1])), reference[1])
     scores = split_scores(predictions, chosen, objective)
     result = {"run_name": run_name, "arch": checkpoint["arch"], "pretrained": is_pretrained(checkpoint["config"]),
               "objective": objective.name,
               "checkpoint": str(args.checkpoint), "epoch": checkpoint["epoch"],
-              "weights_digest": checkpoint.get("weights_digest") or checkpoint_digest(checkpoint),
+              "weights_digest": reported_digest(checkpoint),
               "two_eye": two_eye_fields(checkpoint, table),
               "split": args.split,
               "data_digest": table.digest(), "num_images": len(predictions), "tta": args.tta,
               "predictions": str(outputs["predictions"]),
               "reference_predictions": str(reference_csv) if reference_csv else None, **scores,
+              "training_overlap": overlap,
               **dataset_fields(table, on, summaries, objective), **deployment_fields(checkpoint, args.checkpoint, device)}
     outputs["out"].parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(outputs["out"], json.dumps(result, indent=2))
@@ -898,6 +970,51 @@ def evaluated_on(checkpoint: dict, args, fundus: dataloader.FundusData, table: d
     return None if own else (table.dataset or "data")
 
 
+IN_TRAINING = "in the run's training data"  # the reason an external photo is left out (without_training_photos)
+
+
+def without_training_photos(checkpoint: dict, table: dataloader.FundusTable):
+    """(the table, what was found) for an evaluation on another dataset: photos that are photos the run trained
+    or chose best.pt on (its train and val splits; dataloader.shared_photos: the same name and bytes, or the same
+    bytes under another name) are left out, counted, and said in one line, so that no external figure is
+    measured on photos the model saw. Photos that only share a name with one of them (other bytes) are kept and
+    counted: the figures are marked with them. When the run's own data is not here, nothing can be checked, and
+    that is said and recorded."""
+    try:
+        own = dataloader.load_run_data(checkpoint["config"], checkpoint.get("data", {}), log=lambda *a, **k: None)
+    except UserError as err:
+        print(f"evaluate.py: not checked for photos the run trained on: its own data is not here ({err})")
+        return table, {"checked": False, "why": str(err)}
+    splits = [name for name in ("train", "val") if getattr(own, name) is not None]
+    found = dataloader.shared_photos(table, [getattr(own, name) for name in splits])
+    left_out = found["by_name"] | found["by_content"]
+    record = {"checked": True, "against": splits, "left_out": int(left_out.sum()),
+              "by_name": int(found["by_name"].sum()), "by_content": int(found["by_content"].sum()),
+              "same_name_other_bytes": int(found["same_name_only"].sum())}
+    if left_out.any():
+        example = Path(table.paths[np.flatnonzero(left_out)[0]]).name
+        print(f"evaluate.py: left out {record['left_out']} of {len(table)} photos of {table.dataset}, the run's own "
+              f"{' and '.join(splits)} photos ({record['by_name']} by name and content, {record['by_content']} by "
+              f"content under another name; first: {example}): an external figure is of photos the model did not "
+              "see")
+        kept = np.flatnonzero(~left_out)
+        if not len(kept):
+            raise UserError(f"every photo of {table.source} is a photo the run trained or chose on; there is "
+                            "nothing external to evaluate")
+        excluded = {**table.excluded, IN_TRAINING: table.excluded.get(IN_TRAINING, 0) + record["left_out"]}
+        table = dataclasses.replace(table.subset(kept, table.source), excluded=excluded)
+    of_test = dataloader.shared_photos(table, [own.test])
+    record["of_own_test"] = int((of_test["by_name"] | of_test["by_content"]).sum())
+    if record["of_own_test"]:
+        print(f"evaluate.py: note: {record['of_own_test']} of the {len(table)} photos evaluated are photos of the "
+              "run's own test split: kept, but those figures are not of other data")
+    if record["same_name_other_bytes"]:
+        print(f"evaluate.py: note: {record['same_name_other_bytes']} photos of {table.dataset} share a name with a "
+              f"photo of the run's {' or '.join(splits)} split but not its bytes: kept (another photo under the "
+              "same naming scheme, or the same one re-encoded or cropped, which is not told apart here)")
+    return table, record
+
+
 def dataset_fields(table: dataloader.FundusTable, on: str | None, summaries: np.ndarray,
                    objective: objectives.Objective) -> dict:
     """What the metrics JSON records of the data: the dataset, the one it is named after (None: the run's
@@ -922,6 +1039,7 @@ def deployment_fields(checkpoint: dict, path, device: torch.device) -> dict:
               "cost": cost_of_a_grade(checkpoint, path, device)}
     if EXPORTED in checkpoint:
         fields["precision"] = checkpoint[EXPORTED]["precision"]
+        fields.update(checkpoint.get(EXPORTED_WEIGHTS, {}))
     return fields
 
 

@@ -203,6 +203,13 @@ def metadata(checkpoint: dict, path: Path, precision: str, check: dict, paramete
     }
 
 
+def graph_record(model_bytes: bytes) -> dict:
+    """The digest of the weights in the file's own graph (deploy.graph_digest: BatchNorm folded, and with --int8
+    quantised, so not the checkpoint's), which evaluate.py recomputes from the file it runs: a file whose weights
+    were changed after export is then reported under its own digest, never the checkpoint's."""
+    return {"graph_weights_digest": deploy.graph_digest(model_bytes)}
+
+
 # --------------------------------------------------------------------------- the command
 def check_fp32(torch_grader, onnx_grader, batches: list) -> dict:
     """PyTorch (eval mode, fp32, CPU) and onnxruntime on the same uint8 images; refuses on any difference."""
@@ -272,7 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.int8:
         model_bytes, precision, int8_check = int8_file(checkpoint, data, proto, fp32_grader, args)
         check = {"fp32": check, "int8": int8_check}
-    model_bytes = deploy.with_metadata(model_bytes, metadata(checkpoint, path, precision, check, parameters))
+    model_bytes = deploy.with_metadata(model_bytes, {**metadata(checkpoint, path, precision, check, parameters),
+                                                     **graph_record(model_bytes)})
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(out) as f:
         f.write(model_bytes)

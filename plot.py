@@ -209,6 +209,9 @@ def current(records: list[dict], runs: list[dict], what: str) -> list[dict]:
     kept = []
     for record in records:
         run = by_name.get(record["data"].get("run_name"))
+        if record["data"].get("claimed_weights_digest"):
+            print(unverified_export(record, run))
+            continue
         if run is None or matches_best(record["data"], run):
             kept.append(record)
             continue
@@ -218,6 +221,19 @@ def current(records: list[dict], runs: list[dict], what: str) -> list[dict]:
         print(f"plot.py: skipping {record['path']}: stale {what}, it measured {measured(record['data'])}, not run "
               f"{run['name']}'s best.pt ({measured(best)}); run evaluate.py {checkpoint} again")
     return kept
+
+
+def unverified_export(record: dict, run: dict | None) -> str:
+    """Why an evaluation of an exported file is not the run's export: its graph's weights are not those export.py
+    wrote (evaluate.py found another digest, or none recorded), whatever checkpoint its metadata claims."""
+    data = record["data"]
+    name = data.get("run_name", record["name"])
+    checkpoint = (Path(run["json"].get("checkpoint_dir") or Path("checkpoints") / name) if run
+                  else Path("checkpoints") / name) / "best.pt"
+    return (f"plot.py: skipping {record['path']}: it evaluated {data.get('checkpoint')}, an exported file whose "
+            f"weights (digest {str(data.get('weights_digest'))[:12]}) are not those export.py wrote of run "
+            f"{name}'s checkpoint (claimed {str(data.get('claimed_weights_digest'))[:12]}); export "
+            f"{checkpoint} again and evaluate that file")
 
 
 def load_cams(logdir) -> list[dict]:

@@ -62,7 +62,10 @@ def build_parser() -> Parser:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="resnet18", choices=list(models.ARCHS), help="architecture")
     g.add_argument("--pretrained", action="store_true", help="start from torchvision's ImageNet weights")
-    g.add_argument("--weights", default=None, help="ImageNet weight file to start from (implies --pretrained)")
+    g.add_argument("--weights", default=None,
+                   help="weight file to start from: ImageNet's (implies --pretrained), or one of this project's "
+                        "checkpoints to fine-tune (its head kept when the objective is the same; the run is named "
+                        "<model>_finetuned and records the checkpoint's path and weights digest)")
     g.add_argument("--zero-init-residual", action="store_true", help="zero the last BN of each block")
     g.add_argument("--two-eye", default=None, metavar="CHECKPOINT",
                    help="train the two-eye stage on this single-eye checkpoint: each eye graded from its own and its "
@@ -120,8 +123,9 @@ def build_parser() -> Parser:
                    help="NHWC memory format, faster convolutions on tensor cores and oneDNN")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g = p.add_argument_group("output")
-    g.add_argument("--run-name", default=None, help="default: <model>_pretrained or <model>_scratch, then _mse "
-                   "or _ordinal for those --loss values (resnet50_pretrained_ordinal)")
+    g.add_argument("--run-name", default=None,
+                   help="default: <model>_pretrained, <model>_scratch or <model>_finetuned (--weights CHECKPOINT), "
+                        "then _mse or _ordinal for those --loss values (resnet50_pretrained_ordinal)")
     g.add_argument("--checkpoint-dir", default="checkpoints")
     g.add_argument("--log-dir", default="logs")
     g.add_argument("--resume", default=None, metavar="PATH|auto",
@@ -188,9 +192,11 @@ def resolve_args(argv: list[str]) -> tuple[argparse.Namespace, dict | None]:
     check_args(args)
     if args.two_eye and args.resume in (None, "auto"):
         args = with_encoder(args, explicit_flags(parser, argv), parser)
-    kind = "pretrained" if is_pretrained(vars(args)) else "scratch"
+    started_from = weights_origin(args.weights) if args.weights and Path(args.weights).exists() else None
+    kind = "finetuned" if started_from else "pretrained" if is_pretrained(vars(args)) else "scratch"
     objective = "" if args.loss == "ce" else f"_{args.loss}"  # the lab's run keeps the lab's name
-    args = argparse.Namespace(**{**vars(args), "run_name": args.run_name or f"{args.model}_{kind}{objective}"})
+    args = argparse.Namespace(**{**vars(args), "run_name": args.run_name or f"{args.model}_{kind}{objective}",
+                                 "started_from": started_from})
     if args.resume == "auto":
         last = Path(args.checkpoint_dir) / args.run_name / "last.pt"
         args.resume = str(last) if last.is_file() else None
@@ -352,6 +358,49 @@ class StopRequest:
 
 
 # --------------------------------------------------------------------------- building blocks
+def weights_origin(path) -> dict | None:
+    """What --weights starts from when it is one of this project's checkpoints (fine-tuning a trained grader,
+    on a clinic's camera say): its path, run, epoch, objective and the digests of the weights taken from it
+    (weights_digest, the `model` a run starts from) and of the checkpoint (runtime.checkpoint_digest, what its
+    evaluations are tied to); None for an ImageNet file (a plain state_dict). Kept in the run's config, so its
+    checkpoint and logs/<run>.json say what it started from."""
+    from runtime import read_torch_file, weights_digest
+
+    state = read_torch_file("--weights", path)
+    if not (isinstance(state, dict) and {"model", "arch", "config"} <= set(state)
+            and isinstance(state["model"], dict)):
+        return None
+    return {"kind": "checkpoint", "path": str(Path(path).absolute()), "run_name": state["config"].get("run_name"),
+            "arch": state["arch"], "epoch": state.get("epoch"), "objective": objectives.of(state).name,
+            "two_eye": twoeye.is_two_eye(state), "weights_digest": weights_digest(state["model"]),
+            "checkpoint_digest": checkpoint_digest(state)}
+
+
+def started_from_text(origin: dict, head_kept: bool | None) -> str:
+    """The log line of a run fine-tuned from one of this project's checkpoints."""
+    what = "the encoder of two-eye checkpoint" if origin["two_eye"] else "checkpoint"
+    return (f"started from {what} {origin['path']} (run {origin['run_name']}, epoch {origin['epoch']}, weights "
+            f"{origin['checkpoint_digest'][:12]}): fine-tuned, not ImageNet weights; "
+            + ("resumed" if head_kept is None else "its head kept (same objective)" if head_kept else
+               f"a new head (its objective {origin['objective']}, this run's another)"))
+
+
+def load_own_checkpoint_head(model: nn.Module, args, origin: dict) -> bool:
+    """The head (fc) of the checkpoint --weights names, into `model` (models.load_pretrained leaves fc new),
+    when its objective is this run's; then every weight is the checkpoint's, checked against the digest taken
+    when the run was named (the file unchanged since). Returns whether the head was kept."""
+    from runtime import weights_digest
+
+    if origin["objective"] != objectives.get(args.loss).name:
+        return False
+    state = models._load_weight_file(Path(args.weights), "--weights")
+    model.load_state_dict({k: v for k, v in state.items() if k.startswith("fc.")}, strict=False)
+    if weights_digest(model.state_dict()) != origin["weights_digest"]:
+        raise UserError(f"--weights {args.weights} changed while this run read it (its weights digest differs "
+                        "from the one read a moment before); run again when nothing writes it")
+    return True
+
+
 def build_model(args, env: Dist, log) -> tuple[nn.Module, str | None]:
     if not (args.pretrained or args.weights):
         torch.manual_seed(args.seed)
@@ -364,7 +413,11 @@ def build_model(args, env: Dist, log) -> tuple[nn.Module, str | None]:
                                            progress=env.main)
     if env.active and env.main:
         dist.barrier()
-    log(f"ImageNet weights: {source}")
+    origin = getattr(args, "started_from", None)
+    if origin:  # a resumed run takes every weight from the checkpoint it resumes, whatever --weights holds now
+        log(started_from_text(origin, None if args.resume else load_own_checkpoint_head(model, args, origin)))
+    else:
+        log(f"ImageNet weights: {source}")
     return model, source
 
 

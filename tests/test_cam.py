@@ -137,7 +137,8 @@ def test_every_file_gets_a_row_and_cams_are_drawn_for_graded_photos_only(demo_ru
     out = capsys.readouterr().out
     table = pd.read_csv(csv, keep_default_na=False)
     assert list(table.columns) == ["path", "status", "reason", "quality", "grade", "score", "confidence",
-                                   "p0", "p1", "p2", "p3", "p4"]
+                                   "p0", "p1", "p2", "p3", "p4", "checkpoint", "weights_digest", "quality_check",
+                                   "min_quality"]
     status = dict(zip(table["path"], table["status"]))
     assert [status[str(folder / f"{n}.jpeg")] for n in names] == ["graded"] * 3
     assert status[str(folder / "broken.jpeg")] == status[str(tmp_path / "notes.txt")] == "unreadable"

@@ -158,7 +158,8 @@ def test_every_number_follows_from_the_predictions_files(val_run):
     test = pd.read_csv(result["predictions"], dtype={"image": str})
     val = pd.read_csv(result["reference_predictions"], dtype={"image": str})
     fundus = dataloader.load_fundus_data(root, val_fraction=0.3)
-    assert list(test.columns) == ["image", "grade", "pred", "score", "p0", "p1", "p2", "p3", "p4"]
+    assert list(test.columns) == ["image", "grade", "pred", "score", "p0", "p1", "p2", "p3", "p4",
+                                  "checkpoint", "weights_digest", "split", "dataset"]
     assert test["image"].tolist() == fundus.test.names and val["image"].tolist() == fundus.val.names
     probs, grades = test[[f"p{g}" for g in range(5)]].to_numpy(), test["grade"].to_numpy()
     assert (test["pred"] == probs.argmax(1)).all()
