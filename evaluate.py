@@ -35,8 +35,8 @@ import objectives
 import twoeye
 from runtime import (GRADE_NAMES, OUTPUT_KINDS, Parser, UserError, autocast, check_output,
                      check_output_file, choose_device, device_name, exit_on_user_error, input_file, is_pretrained,
-                     load_checkpoint, memory_format, precision, progress, restore_model, checkpoint_digest, worker_signals,
-                     write_text_atomic)
+                     load_checkpoint, memory_format, nothing_read, precision, progress, restore_model, checkpoint_digest,
+                     special_file, worker_signals, write_text_atomic)
 
 GRADES = metrics.GRADES
 CPU = torch.device("cpu")
@@ -442,6 +442,9 @@ def collect_images(paths: list[str]) -> list[Path]:
                 found += sorted(Path(e.path) for e in entries if e.is_file() and not e.name.startswith("."))
         elif path.is_file():
             found.append(path)
+        elif path.exists():  # reading a FIFO would wait for a writer forever, a device never end
+            raise UserError(f"--images {path} is not a regular file but {special_file(path)}; name the photos "
+                            "themselves")
         else:
             raise UserError(f"--images {path}: no such file or folder")
     if not found:
@@ -702,6 +705,8 @@ def grade_photos(args, checkpoint: dict, device: torch.device, workers: int) -> 
         print(f"wrote {args.out}")
     if cam_dir is not None and counts.get(GRADED):
         print(f"wrote {counts.get(GRADED)} Grad-CAM figures to {cam_dir}/")
+    if counts.get(UNREADABLE) == len(table):
+        raise UserError(nothing_read("--images", len(table), table["path"][0], table["reason"][0]))
 
 
 def report_name(name: str, split: str, external: bool = False) -> str:

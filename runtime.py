@@ -180,13 +180,30 @@ def map_in_processes(fn, items: list, workers: int, chunksize: int = 1):
 
 # --------------------------------------------------------------------------- paths the user names
 def input_file(flag: str, path: str | os.PathLike) -> Path:
-    """A file the user named as input (a checkpoint, weights, a table): it must exist and be a file."""
+    """A file the user named as input (a checkpoint, weights, a table): it must exist and be a regular file
+    (reading a FIFO waits for a writer forever, a device such as /dev/zero never ends)."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{flag} {path} is a folder, expected a file")
     if not path.exists():
         raise UserError(f"{flag} {path} does not exist")
+    special = special_file(path)
+    if special:
+        raise UserError(f"{flag} {path} is not a regular file but {special}; name the file itself")
     return path
+
+
+def special_file(path: Path) -> str | None:
+    """What an existing path that is neither a folder nor a regular file is (a link is followed): "a FIFO
+    (named pipe)", "a character device", ...; None for a regular file or a folder."""
+    import stat
+
+    mode = os.stat(path).st_mode
+    for test, kind in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return None
 
 
 def input_folder(flag: str, path: str | os.PathLike) -> Path:
@@ -218,6 +235,14 @@ def check_output(flag: str, path: str | os.PathLike, folder: bool) -> Path:
     except OSError as err:
         raise UserError(f"{flag} {path} cannot be written: {ancestor} is not writable ({err.strerror})") from None
     return path
+
+
+def nothing_read(where: str, files: int, first, reason: str) -> str:
+    """The sentence of a run that could read none of the photos it was given (evaluate.py --images,
+    data/prepare.py): a UserError, exit 2, as any input that holds no usable photo is (a wrong folder,
+    files that are not photos, a copy cut short); the per-file lists are written first, with every reason."""
+    return (f"none of the {files} files of {where} could be read as an image (first: {first}: {reason}); "
+            "nothing was done with them: check that these are the photos you meant")
 
 
 def fraction_sentence(flag: str, value: float) -> str:
@@ -378,7 +403,11 @@ OUTPUT_KINDS = {
 
 
 def what_file_is(path: Path) -> str:
-    """The kind of an existing file, in words: one of OUTPUT_KINDS, or what describe_file sees."""
+    """The kind of an existing file, in words: a FIFO or a device (never opened: reading one would wait or
+    never end), one of OUTPUT_KINDS, or what describe_file sees."""
+    special = special_file(path)
+    if special:
+        return special
     for kind, recognise in OUTPUT_KINDS.items():
         if recognise(path):
             return kind
@@ -397,6 +426,9 @@ def check_output_file(flag: str, path: str | os.PathLike, kind: str, inputs=()) 
     `path` is one of `inputs` (the files this call reads) or an existing file that is not of `kind` (a key
     of OUTPUT_KINDS)."""
     path = check_output(flag, path, folder=False)
+    if path.exists() and special_file(path):  # its recognisers would open it: a FIFO waits for a writer forever
+        raise UserError(f"{flag} {path} is not a regular file but {special_file(path)}; {kind} is written as a "
+                        "file: give a file path")
     for source in inputs:
         if same_file(path, Path(source)):
             raise UserError(f"{flag} {path} is a file this command reads ({what_file_is(path)}); writing "
