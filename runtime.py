@@ -18,6 +18,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -267,20 +268,32 @@ FILE_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "a PNG image"), (b"\xff\xd8\xff", "a J
 
 
 # A pickle of protocol 0 or 1 reads as text: it opens with a mark, a global (`cposix\nsystem\n`) or a
-# dict/list and its first item, and the loader names what it holds (a global that would run code).
-TEXT_PICKLE = re.compile(rb"(\((d|l)p0\n|c[\w.]+\n[\w.]+\n|\}q\x00|\]q\x00)")
+# dict/list and its first item, and the loader names what it holds (a global that would run code). An old
+# torch.save (before its zip format) opens with its magic number, pickled: as text at protocol 0.
+TORCH_MAGIC = 119547037146038801333356
+TEXT_PICKLE = re.compile(rb"(\((d|l)p0\n|c[\w.]+\n[\w.]+\n|\}q\x00|\]q\x00|L%dL\n)" % TORCH_MAGIC)
+# A binary pickle opens with PROTO and its number, 2 to 5 (Python 3.8+); torch.save's old format with the
+# magic number as a LONG1. Random bytes start with \x80 once in 256 files, and with a protocol after it
+# once in 16,000.
+BINARY_PICKLE = re.compile(rb"\x80[\x02-\x05]")
+TORCH_PICKLE = b"\x80\x02\x8a\x0a" + TORCH_MAGIC.to_bytes(10, "little")
 # torch.load's sentences for a global weights_only will not load, across versions
 FORBIDDEN_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)")
+# what describe_file calls bytes of no format it knows: not text, no image, no archive, no pickle
+BINARY = "a binary file"
 
 
 def describe_file(path: Path) -> str | None:
     """What the file is when it is plainly not a PyTorch file (an image, a text, CSV or JSON file, an empty
-    file); None when it may be one (torch.save writes a zip archive; older files are a pickle)."""
+    file, a zip archive torch.save did not write, BINARY); None when it may be one (torch.save writes a
+    zip archive holding data.pkl; older files are a pickle)."""
     with open(path, "rb") as f:
         head = f.read(4096)
     if not head:
         return "an empty file"
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" or TEXT_PICKLE.match(head):
+    if head.startswith(b"PK\x03\x04"):
+        return zip_kind(path)
+    if BINARY_PICKLE.match(head) or TEXT_PICKLE.match(head) or head[257:262] == b"ustar":  # torch's first: a tar
         return None
     for signature, kind in FILE_SIGNATURES:
         if head.startswith(signature):
@@ -289,25 +302,51 @@ def describe_file(path: Path) -> str | None:
         text = head.decode("utf-8")
     except UnicodeDecodeError as err:
         if err.start < len(head) - 3:  # not just a character cut at the end of the 4 kB read
-            return None
+            return BINARY
         text = head[:err.start].decode("utf-8")
     if "\x00" in text:
-        return None
+        return BINARY
     first = text.lstrip().split("\n", 1)[0]
     if first.startswith(("{", "[")):
         return "a JSON file"
     return "a CSV file" if "," in first else "a text file"
 
 
+def zip_kind(path: Path) -> str | None:
+    """A zip archive as describe_file names it: None for torch.save's (data.pkl inside) and for one cut
+    short (no readable index: torch.load says truncated), else what it is."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = [Path(name).name for name in archive.namelist()]
+    except (OSError, zipfile.BadZipFile):
+        return None
+    if "data.pkl" in members:
+        return None
+    return "a NumPy archive (.npz)" if members and all(m.endswith(".npy") for m in members) else "a zip archive"
+
+
 def read_torch_file(flag: str, path: str | os.PathLike):
-    """torch.load(path, weights_only=True), or one sentence saying what the file is instead: an image or
-    a text file, a truncated or foreign file, or a pickle that would run code (refused, never run)."""
+    """torch.load(path, weights_only=True), or one sentence saying what the file is instead: an image, a
+    text file or one of this project's other outputs, bytes of no format at all, a pickle that torch.save
+    did not write, a truncated file, or a pickle that would run code (refused, never run)."""
     path = input_file(flag, path)
     kind = describe_file(path)
+    if kind == BINARY and what_file_is(path) == BINARY:
+        raise UserError(f"{flag} {path} is no checkpoint at all: its bytes are neither a zip archive (what "
+                        "torch.save writes) nor a pickle, nor any format this project knows (random data, or a "
+                        "damaged or encrypted file)")
     if kind:
-        raise UserError(f"{flag} {path} is {kind}, not a PyTorch file")
+        raise UserError(f"{flag} {path} is {what_file_is(path)}, not a PyTorch file")
+    with open(path, "rb") as f:
+        opening = f.read(len(TORCH_PICKLE))
+    raw_pickle = BINARY_PICKLE.match(opening) is not None and opening != TORCH_PICKLE
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # "Detected pickle protocol 5 in the checkpoint ...": said before a refusal that says it all
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         forbidden = FORBIDDEN_GLOBAL.search(str(err))
         if forbidden:
@@ -316,11 +355,15 @@ def read_torch_file(flag: str, path: str | os.PathLike):
                             "True); load only checkpoints written by train.py") from None
         if "Weights only load failed" in str(err):
             operand = re.search(r"Unsupported operand \d+", str(err))
-            raise UserError(f"refused {flag} {path}: a pickle that torch's safe loader (weights_only=True) cannot "
+            what = "a Python pickle that torch.save did not write, and" if raw_pickle else "a pickle that"
+            raise UserError(f"refused {flag} {path}: {what} torch's safe loader (weights_only=True) cannot "
                             f"read{f' ({operand.group(0)})' if operand else ''}; it may hold code, so it is not "
                             "loaded; load only checkpoints written by train.py") from None
         raise UserError(f"cannot read {flag} {path}: not a PyTorch file") from None
     except Exception as err:  # torch.load's parsers raise anything on foreign bytes: KeyError, IndexError, ...
+        if raw_pickle:
+            raise UserError(f"{flag} {path} is a Python pickle (pickle.dump's), not a file torch.save wrote; "
+                            "load only checkpoints written by train.py") from None
         raise UserError(f"cannot read {flag} {path}: truncated or not a PyTorch file ({type(err).__name__})") from None
 
 
