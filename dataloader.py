@@ -106,9 +106,14 @@ class FundusData:
         return json.loads(record.read_text()) if record.is_file() else None
 
     def image_size(self) -> int:
-        """The longer side of the first training image (the demo set trains at its own size)."""
-        with Image.open(self.train.paths[0]) as img:
-            return max(img.size)
+        """The longer side of the first training image whose header reads (the demo set trains at its own
+        size); a photo that does not read is named when it is loaded, with its line."""
+        for path in self.train.paths:
+            size = header_size(path)
+            if size is not None:
+                return max(size)
+        raise UserError(f"no photo of the training split ({self.train.source}) can be read as an image, "
+                        f"first: {self.train.paths[0]}; fix the files or put good copies in their place")
 
     def splits(self) -> dict[str, FundusTable]:
         return {name: table for name, table in (("train", self.train), ("test", self.test), ("val", self.val))
@@ -371,6 +376,13 @@ def listed_at(table: FundusTable, index: int) -> str:
     return f"photo {index + 1} of {table.source}"
 
 
+# What a photo that cannot be decoded asks of the user, true in every script: only train.py has
+# --skip-bad-images (it passes TRAINING_ADVICE), and an evaluation or an export reads the run's data as it
+# was, so a line removed from its table would make it another dataset.
+FIX_THE_FILE = "fix the file or put a good copy in its place"
+TRAINING_ADVICE = "fix or remove it, or pass --skip-bad-images"
+
+
 class FundusDataset(Dataset):
     """uint8 CHW images and integer grades. Holds names and grades only, never decoded pixels.
 
@@ -379,11 +391,13 @@ class FundusDataset(Dataset):
     cropped here is also normalised as data/prepare.py --ben-graham would have (for a model trained on such
     crops); the lab's crops keep the plain load_square path."""
 
-    def __init__(self, table: FundusTable, image_size: int, skip_bad_images: bool = False, ben_graham: bool = False):
+    def __init__(self, table: FundusTable, image_size: int, skip_bad_images: bool = False, ben_graham: bool = False,
+                 advice: str = FIX_THE_FILE):
         self.table = table
         self.image_size = image_size
         self.skip_bad_images = skip_bad_images
         self.ben_graham = ben_graham
+        self.advice = advice
 
     def __len__(self) -> int:
         return len(self.table)
@@ -402,7 +416,7 @@ class FundusDataset(Dataset):
             where = f"{path} ({listed_at(self.table, index)})"
             problem = "found no eye in" if isinstance(err, NoEye) else "cannot decode"
             if not self.skip_bad_images:
-                raise UserError(f"{problem} {where}: {err}; fix or remove it, or pass --skip-bad-images") from None
+                raise UserError(f"{problem} {where}: {err}; {self.advice}") from None
             warnings.warn(f"skipped unreadable image {where}: {err}", stacklevel=1)
             # grade -1 marks the slot; the training loop drops it and counts it
             return torch.zeros(self.image_size, self.image_size, 3, dtype=torch.uint8).permute(2, 0, 1), -1

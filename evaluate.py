@@ -331,7 +331,7 @@ def reported_table(fundus: dataloader.FundusData, split: str) -> dataloader.Fund
         return fundus.all_images()
     table = getattr(fundus, split)
     if table is None:
-        raise UserError("--split val: the run held out no validation part (it trained with --val-fraction 0)")
+        raise UserError("--split val: the run held out no validation part (train.py ran with --val-fraction 0)")
     return table
 
 
