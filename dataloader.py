@@ -589,6 +589,9 @@ def duplicates(fundus: FundusData, by_content: bool) -> list[str]:
     and test); with by_content, files with the same bytes under different names (reads every file)."""
     paths = {split: table.paths.tolist() for split, table in fundus.splits().items()}
     twice = {split: len(listed) - len(set(listed)) for split, listed in paths.items()}
+    # a photo listed again with its grade is used once (layouts.check_conflicts): counted by its table's split
+    for split, n in fundus.excluded["split"][fundus.excluded["reason"] == layouts.LISTED_AGAIN].value_counts().items():
+        twice[split] = twice.get(split, 0) + int(n)
     photo_splits: dict[str, set] = {}
     patient_splits: dict[str, set] = {}
     for split, listed in paths.items():

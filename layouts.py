@@ -54,6 +54,7 @@ NOT_GRADABLE = "not gradable (adjudicated_gradable 0)"
 NO_GRADE = "no adjudicated grade"
 UNGRADABLE = "ungradable (grade 5)"
 DDR_UNGRADABLE = "5"
+LISTED_AGAIN = "listed again with the same grade (used once)"
 # Where photos are looked for when none of a layout's own folders holds them all: sub-folders this deep
 # (Kaggle's uploads often nest a folder in one of the same name; Messidor-2 ships its photos in several
 # folders, which archives put four or more levels down), at most this many folders.
@@ -209,13 +210,17 @@ def read_ddr(path: Path) -> pd.DataFrame:
 def check_conflicts(rows: pd.DataFrame, path: Path) -> pd.DataFrame:
     """A photo a table lists twice with two verdicts (two grades, or a grade and a reason to leave it out)
     is refused, naming the lines: one of them is wrong, and training on both teaches noise. The same
-    photo listed twice alike is left to the data card (`listed twice`)."""
+    photo listed again with the same grade is used once: its later lines are left out as LISTED_AGAIN,
+    which the data card, train.py's data line and evaluate.py's report count (a table joined from two
+    copies would otherwise weigh those photos double, and count them twice in a test split)."""
+    rows, marked = rows[rows["excluded"] != LISTED_AGAIN], rows  # read_splits checks a labels table again
     verdict = rows["grade"].astype(str) + "|" + rows["excluded"].astype(str)
     photo = rows["name"].map(image_stem)
     mixed = verdict.groupby(photo).nunique()
     mixed = mixed[mixed > 1]
     if mixed.empty:
-        return rows
+        again = marked["name"].map(image_stem).duplicated() & (marked["excluded"] == "")
+        return marked.assign(excluded=marked["excluded"].where(~again, LISTED_AGAIN))
     first = mixed.index[0]
     listed = rows[photo == first]
     said = ", ".join(f"line {line} {'grade ' + str(g) if not why else why}"

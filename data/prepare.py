@@ -340,6 +340,11 @@ def read_labels(path: Path | None, photos: list[Path], fraction: float, seed: in
     if path is None:
         return None
     table = read_labels_table(input_file("--labels", path))
+    again = table["excluded"] != ""  # only LISTED_AGAIN: a labels table leaves nothing else out
+    if again.any():
+        print(f"labels: {again.sum()} rows of --labels {path} list a photo again with the same grade (first: line "
+              f"{table.index[again][0]}, {table['name'][again].iloc[0]}): each photo is used once")
+        table = table[~again]
     names = [image_stem(n) for n in table["name"]]
     stems = {p.stem for p in photos}
     if not stems.intersection(names):
