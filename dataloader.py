@@ -28,7 +28,7 @@ import layouts
 # from here, as they did before layouts.py existed
 from layouts import LAB_FILES, patient_id, read_column, read_labels_table  # noqa: F401
 from runtime import (NUM_GRADES, Parser, UserError, check_output_file, exit_on_user_error, fraction_sentence,
-                     input_folder, worker_signals)
+                     input_folder, special_file, worker_signals)
 
 # Decoded pixels arrive as read-only numpy arrays; torch warns when it wraps one. Nothing writes to
 # them in place (BatchTransform makes a float copy first), and copying to silence it costs time.
@@ -603,13 +603,27 @@ def duplicates(fundus: FundusData, by_content: bool) -> list[str]:
              + f", {sum(len(s) > 1 for s in photo_splits.values())} photos and "
                f"{sum(len(s) > 1 for s in patient_splits.values())} patients in more than one split"]
     if by_content:
-        groups: dict[str, list[str]] = {}
-        for path in sorted({p for listed in paths.values() for p in listed}):
-            groups.setdefault(hashlib.sha1(Path(path).read_bytes()).hexdigest(), []).append(path)
-        same = [group for group in groups.values() if len(group) > 1]
-        lines.append(f"identical files under different names: {len(same)} groups"
-                     + (f" (first: {' = '.join(same[0])})" if same else ""))
+        lines.append(identical_files(sorted({p for listed in paths.values() for p in listed})))
     return lines
+
+
+def identical_files(paths: list[str]) -> str:
+    """The data card's line of files with the same bytes under different names. Each file is read in chunks
+    (a photo is a few MB, a file listed by mistake may be anything), and only a regular file: a name linked
+    to /dev/zero would never end (it ended in a MemoryError), a FIFO would wait for a writer."""
+    groups: dict[str, list[str]] = {}
+    special = []
+    for path in paths:
+        if special_file(Path(path)):
+            special.append(path)
+            continue
+        with open(path, "rb") as f:
+            groups.setdefault(hashlib.file_digest(f, "sha1").hexdigest(), []).append(path)
+    same = [group for group in groups.values() if len(group) > 1]
+    return (f"identical files under different names: {len(same)} groups"
+            + (f" (first: {' = '.join(same[0])})" if same else "")
+            + (f"; not read: {len(special)} listed photos that are no regular file (first: {special[0]}, "
+               f"{special_file(Path(special[0]))})" if special else ""))
 
 
 def data_card(fundus: FundusData, sample: int = 20, by_content: bool = False) -> str:
