@@ -28,7 +28,7 @@ import layouts
 # from here, as they did before layouts.py existed
 from layouts import LAB_FILES, patient_id, read_column, read_labels_table  # noqa: F401
 from runtime import (NUM_GRADES, Parser, UserError, check_output_file, exit_on_user_error, fraction_sentence,
-                     input_folder, worker_signals, write_text_atomic)
+                     input_folder, special_file, worker_signals, write_text_atomic)
 
 # Decoded pixels arrive as read-only numpy arrays; torch warns when it wraps one. Nothing writes to
 # them in place (BatchTransform makes a float copy first), and copying to silence it costs time.
@@ -106,9 +106,14 @@ class FundusData:
         return json.loads(record.read_text()) if record.is_file() else None
 
     def image_size(self) -> int:
-        """The longer side of the first training image (the demo set trains at its own size)."""
-        with Image.open(self.train.paths[0]) as img:
-            return max(img.size)
+        """The longer side of the first training image whose header reads (the demo set trains at its own
+        size); a photo that does not read is named when it is loaded, with its line."""
+        for path in self.train.paths:
+            size = header_size(path)
+            if size is not None:
+                return max(size)
+        raise UserError(f"no photo of the training split ({self.train.source}) can be read as an image, "
+                        f"first: {self.train.paths[0]}; fix the files or put good copies in their place")
 
     def splits(self) -> dict[str, FundusTable]:
         return {name: table for name, table in (("train", self.train), ("test", self.test), ("val", self.val))
@@ -371,6 +376,13 @@ def listed_at(table: FundusTable, index: int) -> str:
     return f"photo {index + 1} of {table.source}"
 
 
+# What a photo that cannot be decoded asks of the user, true in every script: only train.py has
+# --skip-bad-images (it passes TRAINING_ADVICE), and an evaluation or an export reads the run's data as it
+# was, so a line removed from its table would make it another dataset.
+FIX_THE_FILE = "fix the file or put a good copy in its place"
+TRAINING_ADVICE = "fix or remove it, or pass --skip-bad-images"
+
+
 class FundusDataset(Dataset):
     """uint8 CHW images and integer grades. Holds names and grades only, never decoded pixels.
 
@@ -379,11 +391,13 @@ class FundusDataset(Dataset):
     cropped here is also normalised as data/prepare.py --ben-graham would have (for a model trained on such
     crops); the lab's crops keep the plain load_square path."""
 
-    def __init__(self, table: FundusTable, image_size: int, skip_bad_images: bool = False, ben_graham: bool = False):
+    def __init__(self, table: FundusTable, image_size: int, skip_bad_images: bool = False, ben_graham: bool = False,
+                 advice: str = FIX_THE_FILE):
         self.table = table
         self.image_size = image_size
         self.skip_bad_images = skip_bad_images
         self.ben_graham = ben_graham
+        self.advice = advice
 
     def __len__(self) -> int:
         return len(self.table)
@@ -402,7 +416,7 @@ class FundusDataset(Dataset):
             where = f"{path} ({listed_at(self.table, index)})"
             problem = "found no eye in" if isinstance(err, NoEye) else "cannot decode"
             if not self.skip_bad_images:
-                raise UserError(f"{problem} {where}: {err}; fix or remove it, or pass --skip-bad-images") from None
+                raise UserError(f"{problem} {where}: {err}; {self.advice}") from None
             warnings.warn(f"skipped unreadable image {where}: {err}", stacklevel=1)
             # grade -1 marks the slot; the training loop drops it and counts it
             return torch.zeros(self.image_size, self.image_size, 3, dtype=torch.uint8).permute(2, 0, 1), -1
@@ -586,12 +600,14 @@ def shared_photos(photos: FundusTable, others: list[FundusTable]) -> dict[str, n
     name; same_name_only, the same name with other bytes (another photo that shares a naming scheme, or the
     same one re-encoded or cropped: not told apart here). Boolean masks over `photos`. Only files of a size
     that occurs on both sides are read (content_digest)."""
+    # a name linked to a device or a FIFO is never read (it would never end, or wait for a writer)
     mine = [Path(p) for p in photos.paths]
     theirs = [Path(p) for table in others for p in table.paths]
     sizes = {}
     for path in theirs:
-        sizes.setdefault(path.stat().st_size, []).append(path)
-    size_of = [path.stat().st_size for path in mine]
+        if not special_file(path):
+            sizes.setdefault(path.stat().st_size, []).append(path)
+    size_of = [None if special_file(path) else path.stat().st_size for path in mine]
     candidates = {path for i, path in enumerate(mine) if size_of[i] in sizes}
     candidates |= {other for i in range(len(mine)) if size_of[i] in sizes for other in sizes[size_of[i]]}
     digests = {path: content_digest(path) for path in sorted(candidates)}
@@ -608,6 +624,9 @@ def duplicates(fundus: FundusData, by_content: bool) -> list[str]:
     and test); with by_content, files with the same bytes under different names (reads every file)."""
     paths = {split: table.paths.tolist() for split, table in fundus.splits().items()}
     twice = {split: len(listed) - len(set(listed)) for split, listed in paths.items()}
+    # a photo listed again with its grade is used once (layouts.check_conflicts): counted by its table's split
+    for split, n in fundus.excluded["split"][fundus.excluded["reason"] == layouts.LISTED_AGAIN].value_counts().items():
+        twice[split] = twice.get(split, 0) + int(n)
     photo_splits: dict[str, set] = {}
     patient_splits: dict[str, set] = {}
     for split, listed in paths.items():
@@ -619,13 +638,26 @@ def duplicates(fundus: FundusData, by_content: bool) -> list[str]:
              + f", {sum(len(s) > 1 for s in photo_splits.values())} photos and "
                f"{sum(len(s) > 1 for s in patient_splits.values())} patients in more than one split"]
     if by_content:
-        groups: dict[str, list[str]] = {}
-        for path in sorted({p for listed in paths.values() for p in listed}):
-            groups.setdefault(content_digest(path), []).append(path)
-        same = [group for group in groups.values() if len(group) > 1]
-        lines.append(f"identical files under different names: {len(same)} groups"
-                     + (f" (first: {' = '.join(same[0])})" if same else ""))
+        lines.append(identical_files(sorted({p for listed in paths.values() for p in listed})))
     return lines
+
+
+def identical_files(paths: list[str]) -> str:
+    """The data card's line of files with the same bytes under different names. Each file is read in chunks
+    (a photo is a few MB, a file listed by mistake may be anything), and only a regular file: a name linked
+    to /dev/zero would never end (it ended in a MemoryError), a FIFO would wait for a writer."""
+    groups: dict[str, list[str]] = {}
+    special = []
+    for path in paths:
+        if special_file(Path(path)):
+            special.append(path)
+            continue
+        groups.setdefault(content_digest(path), []).append(path)
+    same = [group for group in groups.values() if len(group) > 1]
+    return (f"identical files under different names: {len(same)} groups"
+            + (f" (first: {' = '.join(same[0])})" if same else "")
+            + (f"; not read: {len(special)} listed photos that are no regular file (first: {special[0]}, "
+               f"{special_file(Path(special[0]))})" if special else ""))
 
 
 def data_card(fundus: FundusData, sample: int = 20, by_content: bool = False) -> str:

@@ -33,10 +33,10 @@ import metrics
 import models
 import objectives
 import twoeye
-from runtime import (GRADE_NAMES, Parser, UserError, atomic_write, autocast, check_output, check_output_file,
-                     checkpoint_digest, choose_device, copy_atomic, device_name, exit_on_user_error, input_file,
-                     is_pretrained, load_checkpoint, may_replace, memory_format, precision, progress, restore_model,
-                     worker_signals, write_text_atomic)
+from runtime import (GRADE_NAMES, Parser, UserError, atomic_write, autocast, check_output,
+                     check_output_file, checkpoint_digest, choose_device, copy_atomic, device_name, exit_on_user_error,
+                     input_file, is_pretrained, load_checkpoint, may_replace, memory_format, nothing_read, precision,
+                     progress, restore_model, special_file, worker_signals, write_text_atomic)
 
 GRADES = metrics.GRADES
 CPU = torch.device("cpu")
@@ -357,7 +357,7 @@ def reported_table(fundus: dataloader.FundusData, split: str) -> dataloader.Fund
         return fundus.all_images()
     table = getattr(fundus, split)
     if table is None:
-        raise UserError("--split val: the run held out no validation part (it trained with --val-fraction 0)")
+        raise UserError("--split val: the run held out no validation part (train.py ran with --val-fraction 0)")
     return table
 
 
@@ -487,6 +487,9 @@ def collect_images(paths: list[str]) -> list[Path]:
                 found += sorted(Path(e.path) for e in entries if e.is_file() and not e.name.startswith("."))
         elif path.is_file():
             found.append(path)
+        elif path.exists():  # reading a FIFO would wait for a writer forever, a device never end
+            raise UserError(f"--images {path} is not a regular file but {special_file(path)}; name the photos "
+                            "themselves")
         else:
             raise UserError(f"--images {path}: no such file or folder")
     if not found:
@@ -753,6 +756,8 @@ def grade_photos(args, checkpoint: dict, device: torch.device, workers: int) -> 
         print(f"wrote {args.out}")
     if cam_dir is not None and counts.get(GRADED):
         print(f"wrote {counts.get(GRADED)} Grad-CAM figures to {cam_dir}/")
+    if counts.get(UNREADABLE) == len(table):
+        raise UserError(nothing_read("--images", len(table), table["path"][0], table["reason"][0]))
 
 
 def photo_provenance(args, checkpoint: dict) -> dict:

@@ -15,7 +15,10 @@ real download differs, the error sentence names the files found):
 - messidor2: Messidor-2 (ADCIS) with the adjudicated grades of Krause et al. 2018 as Google published
   them on Kaggle (google-brain/messidor2-dr-grades): messidor_data.csv `image_id,adjudicated_dr_grade,
   adjudicated_dme,adjudicated_gradable`, image_id with its extension (.png, .JPG, .jpg); a photo the
-  adjudicators could not grade has adjudicated_gradable 0 and no grade. No published split.
+  adjudicators could not grade has adjudicated_gradable 0 and no grade. No published split. The Kaggle
+  copy most users download ships the same grades as messidor_data.csv `id_code,diagnosis,adjudicated_dme,
+  adjudicated_gradable` (id_code with or without its extension) and the photos as 512 px crops in
+  messidor-2/preprocess/, named .png or .JPG; both are read (MESSIDOR_COLUMNS).
 - idrid: IDRiD "B. Disease Grading" (IEEE DataPort, ISBI 2018 challenge): 2. Groundtruths/ holds
   `a. IDRiD_Disease Grading_Training Labels.csv` and `b. IDRiD_Disease Grading_Testing Labels.csv`,
   columns `Image name,Retinopathy grade,Risk of macular edema ` (names without extension, header cells
@@ -54,6 +57,7 @@ NOT_GRADABLE = "not gradable (adjudicated_gradable 0)"
 NO_GRADE = "no adjudicated grade"
 UNGRADABLE = "ungradable (grade 5)"
 DDR_UNGRADABLE = "5"
+LISTED_AGAIN = "listed again with the same grade (used once)"
 # Where photos are looked for when none of a layout's own folders holds them all: sub-folders this deep
 # (Kaggle's uploads often nest a folder in one of the same name; Messidor-2 ships its photos in several
 # folders, which archives put four or more levels down), at most this many folders.
@@ -165,24 +169,32 @@ def read_lab(path: Path) -> pd.DataFrame:
     return listing(names, parse_grades(labels, str(label_path), lines), name_lines)
 
 
+# messidor_data.csv as published: Google's names, and the widely used Kaggle copy's (the same grades, its
+# photos 512 px crops in messidor-2/preprocess/), each as (photo, grade, gradable)
+MESSIDOR_COLUMNS = (("image_id", "adjudicated_dr_grade", "adjudicated_gradable"),
+                    ("id_code", "diagnosis", "adjudicated_gradable"))
+
+
 def read_messidor(path: Path) -> pd.DataFrame:
-    """messidor_data.csv: the photos the adjudicators could not grade (adjudicated_gradable 0) and any
-    without a grade are listed as left out, not refused."""
+    """messidor_data.csv in either of MESSIDOR_COLUMNS: the photos the adjudicators could not grade
+    (adjudicated_gradable 0) and any without a grade are listed as left out, not refused."""
     frame = read_header_table(path)
-    wanted = ["image_id", "adjudicated_dr_grade", "adjudicated_gradable"]
-    if not set(wanted) <= set(frame.columns):
-        raise UserError(f"{path} has columns {list(frame.columns)}; expected {', '.join(map(repr, wanted))}")
+    wanted = next((names for names in MESSIDOR_COLUMNS if set(names) <= set(frame.columns)), None)
+    if wanted is None:
+        expected = " or ".join(f"'{','.join(names)}'" for names in MESSIDOR_COLUMNS)
+        raise UserError(f"{path} has columns {list(frame.columns)}; expected {expected} (Google's table or the "
+                        "Kaggle copy's)")
+    name, grade, _ = wanted
     gradable = frame["adjudicated_gradable"]
     bad = ~gradable.isin(["", "0", "1", "0.0", "1.0"])
     if bad.any():
         raise UserError(f"{path} line {frame.index[bad][0]}: adjudicated_gradable "
                         f"'{gradable[bad].iloc[0]}' is not 0 or 1")
-    excluded = np.where(gradable.isin(["0", "0.0"]), NOT_GRADABLE,
-                        np.where(frame["adjudicated_dr_grade"] == "", NO_GRADE, ""))
+    excluded = np.where(gradable.isin(["0", "0.0"]), NOT_GRADABLE, np.where(frame[grade] == "", NO_GRADE, ""))
     kept = excluded == ""
     grades = np.full(len(frame), -1, dtype=np.int64)
-    grades[kept] = parse_grades(frame["adjudicated_dr_grade"][kept].tolist(), str(path), frame.index[kept].tolist())
-    return listing(frame["image_id"], grades, frame.index, excluded)
+    grades[kept] = parse_grades(frame[grade][kept].tolist(), str(path), frame.index[kept].tolist())
+    return listing(frame[name], grades, frame.index, excluded)
 
 
 def read_ddr(path: Path) -> pd.DataFrame:
@@ -209,13 +221,17 @@ def read_ddr(path: Path) -> pd.DataFrame:
 def check_conflicts(rows: pd.DataFrame, path: Path) -> pd.DataFrame:
     """A photo a table lists twice with two verdicts (two grades, or a grade and a reason to leave it out)
     is refused, naming the lines: one of them is wrong, and training on both teaches noise. The same
-    photo listed twice alike is left to the data card (`listed twice`)."""
+    photo listed again with the same grade is used once: its later lines are left out as LISTED_AGAIN,
+    which the data card, train.py's data line and evaluate.py's report count (a table joined from two
+    copies would otherwise weigh those photos double, and count them twice in a test split)."""
+    rows, marked = rows[rows["excluded"] != LISTED_AGAIN], rows  # read_splits checks a labels table again
     verdict = rows["grade"].astype(str) + "|" + rows["excluded"].astype(str)
     photo = rows["name"].map(image_stem)
     mixed = verdict.groupby(photo).nunique()
     mixed = mixed[mixed > 1]
     if mixed.empty:
-        return rows
+        again = marked["name"].map(image_stem).duplicated() & (marked["excluded"] == "")
+        return marked.assign(excluded=marked["excluded"].where(~again, LISTED_AGAIN))
     first = mixed.index[0]
     listed = rows[photo == first]
     said = ", ".join(f"line {line} {'grade ' + str(g) if not why else why}"

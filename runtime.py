@@ -21,6 +21,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -59,23 +60,87 @@ class WorkerDied(RunFailed):
 
 def exit_on_user_error(main):
     """A script's entry point: a UserError ends in its sentence and exit status 2, a RunFailed in its
-    sentence and exit status 1; everything else is a bug and keeps its traceback."""
+    sentence and exit status 1; everything else is a bug and keeps its traceback. Third-party warnings
+    are said in one line in the script's voice (see say_warning)."""
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "error"
-        try:
-            return main(*args, **kwargs)
-        except UserError as err:
-            message = str(err)
-            if "Original Traceback" in message:
-                # raised in a DataLoader worker, which wraps it in the worker's traceback: keep the sentence
-                message = message.strip().splitlines()[-1].split("UserError: ", 1)[-1]
+        with warnings_in_one_line(prog):
+            try:
+                return main(*args, **kwargs)
+            except UserError as err:
+                code, message = EXIT_USER_ERROR, str(err)
+                if "Original Traceback" in message:
+                    # raised in a DataLoader worker, which wraps it in the worker's traceback: keep the sentence
+                    message = message.strip().splitlines()[-1].split("UserError: ", 1)[-1]
+            except RunFailed as err:
+                code, message = 1, str(err)
+            except SystemExit as stop:  # argparse, a stopped run: its own words are out already
+                code, message = stop.code, None
+        end_worker_processes()
+        if message is not None:
             print(f"{prog}: error: {message}", file=sys.stderr)
-            sys.exit(EXIT_USER_ERROR)
-        except RunFailed as err:
-            print(f"{prog}: error: {err}", file=sys.stderr)
-            sys.exit(1)
+        sys.exit(code)
     return wrapper
+
+
+# PIL warns of a photo over Image.MAX_IMAGE_PIXELS (89 M pixels; twice that is an error, a file we call
+# unreadable) in words that do not name the photo, and Python's default filter shows one such text once
+# per process, however many photos of that size follow: each photo is named here, once per process.
+BOMB_WARNING = r"Image size \((\d+) pixels\) exceeds limit of (\d+) pixels"
+_warned_photos: set[str] = set()
+
+
+@contextlib.contextmanager
+def warnings_in_one_line(prog: str):
+    """Warnings said as `prog: warning: ...` in one line, instead of Python's two (the library's source
+    file and line, then that line of code), which read as a crash; a photo PIL finds suspiciously large
+    is named. Loader workers forked inside inherit this."""
+    with warnings.catch_warnings():  # which restores the filters and showwarning after
+        warnings.filterwarnings("always", message=BOMB_WARNING)
+        warnings.showwarning = functools.partial(say_warning, prog)
+        yield
+
+
+def say_warning(prog, message, category, filename, lineno, file=None, line=None) -> None:
+    text = " ".join(str(message).split())
+    bomb = re.match(BOMB_WARNING, text)
+    if bomb:
+        photo = photo_being_opened()
+        if photo in _warned_photos:
+            return
+        _warned_photos.add(photo)
+        pixels, limit = (int(n) for n in bomb.groups())
+        text = (f"{photo or 'a photo'} holds {pixels:,} pixels, over PIL's limit against decompression bombs "
+                f"({limit:,}); it is read anyway (one over {2 * limit:,} is refused as unreadable)")
+    print(f"{prog}: warning: {text}", file=file or sys.stderr)
+
+
+def photo_being_opened() -> str | None:
+    """The file PIL's Image.open is reading, found in its frame on the stack (the warning does not say)."""
+    frame = sys._getframe()
+    while frame is not None:
+        if frame.f_globals.get("__name__") == "PIL.Image":
+            name = frame.f_locals.get("filename") or getattr(frame.f_locals.get("fp"), "name", None)
+            if name:
+                return os.fsdecode(name)
+        frame = frame.f_back
+    return None
+
+
+def end_worker_processes() -> None:
+    """End the loader workers of a run that stops early, before the interpreter's exit does.
+
+    Past the except clause the error and its frames are gone, so a DataLoader's iterator is garbage and
+    its finaliser shuts its workers down in order. Left to the interpreter's exit, multiprocessing sends
+    them SIGTERM, and torch's SIGCHLD handler then reported "DataLoader worker (pid N) is killed by signal:
+    Terminated" under the sentence (in 2 of 6 runs of a truncated JPEG met in training, none with
+    --workers 0). gc only when workers are alive: a collection costs a tenth of a second."""
+    import gc
+    import multiprocessing
+
+    if multiprocessing.active_children():
+        gc.collect()
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -183,13 +248,30 @@ def map_in_processes(fn, items: list, workers: int, chunksize: int = 1):
 
 # --------------------------------------------------------------------------- paths the user names
 def input_file(flag: str, path: str | os.PathLike) -> Path:
-    """A file the user named as input (a checkpoint, weights, a table): it must exist and be a file."""
+    """A file the user named as input (a checkpoint, weights, a table): it must exist and be a regular file
+    (reading a FIFO waits for a writer forever, a device such as /dev/zero never ends)."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{flag} {path} is a folder, expected a file")
     if not path.exists():
         raise UserError(f"{flag} {path} does not exist")
+    special = special_file(path)
+    if special:
+        raise UserError(f"{flag} {path} is not a regular file but {special}; name the file itself")
     return path
+
+
+def special_file(path: Path) -> str | None:
+    """What an existing path that is neither a folder nor a regular file is (a link is followed): "a FIFO
+    (named pipe)", "a character device", ...; None for a regular file or a folder."""
+    import stat
+
+    mode = os.stat(path).st_mode
+    for test, kind in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return None
 
 
 def input_folder(flag: str, path: str | os.PathLike) -> Path:
@@ -223,6 +305,14 @@ def check_output(flag: str, path: str | os.PathLike, folder: bool) -> Path:
     return path
 
 
+def nothing_read(where: str, files: int, first, reason: str) -> str:
+    """The sentence of a run that could read none of the photos it was given (evaluate.py --images,
+    data/prepare.py): a UserError, exit 2, as any input that holds no usable photo is (a wrong folder,
+    files that are not photos, a copy cut short); the per-file lists are written first, with every reason."""
+    return (f"none of the {files} files of {where} could be read as an image (first: {first}: {reason}); "
+            "nothing was done with them: check that these are the photos you meant")
+
+
 def fraction_sentence(flag: str, value: float) -> str:
     """Why a held-out share of patients (--test-fraction) is refused: 0 means something else than 1.5 does."""
     if value == 0:
@@ -245,20 +335,32 @@ FILE_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "a PNG image"), (b"\xff\xd8\xff", "a J
 
 
 # A pickle of protocol 0 or 1 reads as text: it opens with a mark, a global (`cposix\nsystem\n`) or a
-# dict/list and its first item, and the loader names what it holds (a global that would run code).
-TEXT_PICKLE = re.compile(rb"(\((d|l)p0\n|c[\w.]+\n[\w.]+\n|\}q\x00|\]q\x00)")
+# dict/list and its first item, and the loader names what it holds (a global that would run code). An old
+# torch.save (before its zip format) opens with its magic number, pickled: as text at protocol 0.
+TORCH_MAGIC = 119547037146038801333356
+TEXT_PICKLE = re.compile(rb"(\((d|l)p0\n|c[\w.]+\n[\w.]+\n|\}q\x00|\]q\x00|L%dL\n)" % TORCH_MAGIC)
+# A binary pickle opens with PROTO and its number, 2 to 5 (Python 3.8+); torch.save's old format with the
+# magic number as a LONG1. Random bytes start with \x80 once in 256 files, and with a protocol after it
+# once in 16,000.
+BINARY_PICKLE = re.compile(rb"\x80[\x02-\x05]")
+TORCH_PICKLE = b"\x80\x02\x8a\x0a" + TORCH_MAGIC.to_bytes(10, "little")
 # torch.load's sentences for a global weights_only will not load, across versions
 FORBIDDEN_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)")
+# what describe_file calls bytes of no format it knows: not text, no image, no archive, no pickle
+BINARY = "a binary file"
 
 
 def describe_file(path: Path) -> str | None:
     """What the file is when it is plainly not a PyTorch file (an image, a text, CSV or JSON file, an empty
-    file); None when it may be one (torch.save writes a zip archive; older files are a pickle)."""
+    file, a zip archive torch.save did not write, BINARY); None when it may be one (torch.save writes a
+    zip archive holding data.pkl; older files are a pickle)."""
     with open(path, "rb") as f:
         head = f.read(4096)
     if not head:
         return "an empty file"
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" or TEXT_PICKLE.match(head):
+    if head.startswith(b"PK\x03\x04"):
+        return zip_kind(path)
+    if BINARY_PICKLE.match(head) or TEXT_PICKLE.match(head) or head[257:262] == b"ustar":  # torch's first: a tar
         return None
     for signature, kind in FILE_SIGNATURES:
         if head.startswith(signature):
@@ -267,25 +369,51 @@ def describe_file(path: Path) -> str | None:
         text = head.decode("utf-8")
     except UnicodeDecodeError as err:
         if err.start < len(head) - 3:  # not just a character cut at the end of the 4 kB read
-            return None
+            return BINARY
         text = head[:err.start].decode("utf-8")
     if "\x00" in text:
-        return None
+        return BINARY
     first = text.lstrip().split("\n", 1)[0]
     if first.startswith(("{", "[")):
         return "a JSON file"
     return "a CSV file" if "," in first else "a text file"
 
 
+def zip_kind(path: Path) -> str | None:
+    """A zip archive as describe_file names it: None for torch.save's (data.pkl inside) and for one cut
+    short (no readable index: torch.load says truncated), else what it is."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = [Path(name).name for name in archive.namelist()]
+    except (OSError, zipfile.BadZipFile):
+        return None
+    if "data.pkl" in members:
+        return None
+    return "a NumPy archive (.npz)" if members and all(m.endswith(".npy") for m in members) else "a zip archive"
+
+
 def read_torch_file(flag: str, path: str | os.PathLike):
-    """torch.load(path, weights_only=True), or one sentence saying what the file is instead: an image or
-    a text file, a truncated or foreign file, or a pickle that would run code (refused, never run)."""
+    """torch.load(path, weights_only=True), or one sentence saying what the file is instead: an image, a
+    text file or one of this project's other outputs, bytes of no format at all, a pickle that torch.save
+    did not write, a truncated file, or a pickle that would run code (refused, never run)."""
     path = input_file(flag, path)
     kind = describe_file(path)
+    if kind == BINARY and what_file_is(path) == BINARY:
+        raise UserError(f"{flag} {path} is no checkpoint at all: its bytes are neither a zip archive (what "
+                        "torch.save writes) nor a pickle, nor any format this project knows (random data, or a "
+                        "damaged or encrypted file)")
     if kind:
-        raise UserError(f"{flag} {path} is {kind}, not a PyTorch file")
+        raise UserError(f"{flag} {path} is {what_file_is(path)}, not a PyTorch file")
+    with open(path, "rb") as f:
+        opening = f.read(len(TORCH_PICKLE))
+    raw_pickle = BINARY_PICKLE.match(opening) is not None and opening != TORCH_PICKLE
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # "Detected pickle protocol 5 in the checkpoint ...": said before a refusal that says it all
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         forbidden = FORBIDDEN_GLOBAL.search(str(err))
         if forbidden:
@@ -294,11 +422,15 @@ def read_torch_file(flag: str, path: str | os.PathLike):
                             "True); load only checkpoints written by train.py") from None
         if "Weights only load failed" in str(err):
             operand = re.search(r"Unsupported operand \d+", str(err))
-            raise UserError(f"refused {flag} {path}: a pickle that torch's safe loader (weights_only=True) cannot "
+            what = "a Python pickle that torch.save did not write, and" if raw_pickle else "a pickle that"
+            raise UserError(f"refused {flag} {path}: {what} torch's safe loader (weights_only=True) cannot "
                             f"read{f' ({operand.group(0)})' if operand else ''}; it may hold code, so it is not "
                             "loaded; load only checkpoints written by train.py") from None
         raise UserError(f"cannot read {flag} {path}: not a PyTorch file") from None
     except Exception as err:  # torch.load's parsers raise anything on foreign bytes: KeyError, IndexError, ...
+        if raw_pickle:
+            raise UserError(f"{flag} {path} is a Python pickle (pickle.dump's), not a file torch.save wrote; "
+                            "load only checkpoints written by train.py") from None
         raise UserError(f"cannot read {flag} {path}: truncated or not a PyTorch file ({type(err).__name__})") from None
 
 
@@ -381,7 +513,11 @@ OUTPUT_KINDS = {
 
 
 def what_file_is(path: Path) -> str:
-    """The kind of an existing file, in words: one of OUTPUT_KINDS, or what describe_file sees."""
+    """The kind of an existing file, in words: a FIFO or a device (never opened: reading one would wait or
+    never end), one of OUTPUT_KINDS, or what describe_file sees."""
+    special = special_file(path)
+    if special:
+        return special
     for kind, recognise in OUTPUT_KINDS.items():
         if recognise(path):
             return kind
@@ -421,6 +557,9 @@ def check_output_file(flag: str, path: str | os.PathLike, kind: str, inputs=()) 
     `path` is one of `inputs` (the files this call reads) or an existing file that is not of `kind` (a key
     of OUTPUT_KINDS)."""
     path = check_output(flag, path, folder=False)
+    if path.exists() and special_file(path):  # its recognisers would open it: a FIFO waits for a writer forever
+        raise UserError(f"{flag} {path} is not a regular file but {special_file(path)}; {kind} is written as a "
+                        "file: give a file path")
     for source in inputs:
         if same_file(path, Path(source)):
             raise UserError(f"{flag} {path} is a file this command reads ({what_file_is(path)}); writing "

@@ -426,7 +426,8 @@ def build_loaders(args, fundus: dataloader.FundusData, env: Dist, device: torch.
     workers = args.workers if args.workers is not None else dataloader.default_workers(env.local_world)
 
     def loader(table, train: bool):
-        dataset = dataloader.FundusDataset(table, args.image_size, args.skip_bad_images)
+        dataset = dataloader.FundusDataset(table, args.image_size, args.skip_bad_images,
+                                           advice=dataloader.TRAINING_ADVICE)
         sampler = (dataloader.train_sampler(table.grades, args.sampler, env.world, env.rank, args.seed) if train
                    else dataloader.ShardSampler(len(table), env.world, env.rank))
         batch = args.batch_size if train else 2 * args.batch_size
@@ -886,7 +887,8 @@ def cached_features(args, encoder_checkpoint: dict, encoder: nn.Module, fundus: 
     features = {}
     for split, table in fundus.splits().items():
         dataset = dataloader.FundusDataset(table, args.image_size, args.skip_bad_images,
-                                           evaluate.trained_on_ben_graham(encoder_checkpoint))
+                                           evaluate.trained_on_ben_graham(encoder_checkpoint),
+                                           advice=dataloader.TRAINING_ADVICE)
         loader = dataloader.build_loader(dataset, 2 * args.batch_size, dataloader.ShardSampler(len(table)), workers,
                                          device)
         features[split] = twoeye.compute_features(encoder, loader, transform, autocast(device, amp_dtype),

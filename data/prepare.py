@@ -35,7 +35,7 @@ from dataloader import LAB_FILES, default_workers, header_size, patient_split, r
 from fundus import FAILED, KEPT, UNGRADABLE, WRITTEN  # noqa: E402
 from layouts import image_stem  # noqa: E402
 from runtime import (NO_ROOM, Parser, UserError, atomic_writes, check_output, check_output_file,  # noqa: E402
-                     exit_on_user_error, fraction_sentence, input_file, input_folder, map_in_processes,
+                     exit_on_user_error, fraction_sentence, input_file, input_folder, map_in_processes, nothing_read,
                      remove_leftovers, write_text_atomic)
 
 FAILURES_FILE = "prepare_failures.txt"
@@ -228,10 +228,10 @@ def run_all(todo: list[tuple[Path, Path]], args: argparse.Namespace,
     return outcomes, stopped, full
 
 
-def report(outcomes: dict[str, dict[Path, tuple]], skipped: int, dst_dir: Path) -> None:
+def report(outcomes: dict[str, dict[Path, tuple]], skipped: int, dst_dir: Path, show_failures: bool = True) -> None:
     """The summary line; ungradable photos listed in DST_DIR/ungradable.csv (path,reason,quality: the
-    check's score), failures (the first few shown) in DST_DIR/prepare_failures.txt. Lists of an earlier run
-    are replaced."""
+    check's score), failures (the first few shown unless show_failures is off) in DST_DIR/prepare_failures.txt.
+    Lists of an earlier run are replaced."""
     ungradable = {**outcomes[UNGRADABLE], **outcomes[KEPT]}
     failures = outcomes[FAILED]
     print(f"prepare: {len(outcomes[WRITTEN]) + len(outcomes[KEPT])} written, {skipped} skipped (already done), "
@@ -255,6 +255,8 @@ def report(outcomes: dict[str, dict[Path, tuple]], skipped: int, dst_dir: Path) 
         return
     lines = [f"{p.name}: {failures[p][0]}" for p in sorted(failures)]
     write_text_atomic(dst_dir / FAILURES_FILE, "\n".join(lines) + "\n")
+    if not show_failures:
+        return
     for line in lines[:SHOWN_FAILURES]:
         print(f"  failed: {line}", file=sys.stderr)
     if len(lines) > SHOWN_FAILURES:
@@ -346,6 +348,11 @@ def read_labels(path: Path | None, photos: list[Path], fraction: float, seed: in
     if path is None:
         return None
     table = read_labels_table(input_file("--labels", path))
+    again = table["excluded"] != ""  # only LISTED_AGAIN: a labels table leaves nothing else out
+    if again.any():
+        print(f"labels: {again.sum()} rows of --labels {path} list a photo again with the same grade (first: line "
+              f"{table.index[again][0]}, {table['name'][again].iloc[0]}): each photo is used once")
+        table = table[~again]
     names = [image_stem(n) for n in table["name"]]
     stems = {p.stem for p in photos}
     if not stems.intersection(names):
@@ -420,7 +427,13 @@ def main(argv=None) -> int:
         print(f"prepare: stopped after {done} of {len(todo)} photos: {full.strerror} in {where}; the finished "
               "crops are kept: make room and run the same command again to continue", file=sys.stderr)
         return 1
-    report(outcomes, skipped, args.dst_dir)
+    # nothing read is the input's fault, as evaluate.py --images has it: one sentence, exit 2 (runtime.nothing_read)
+    nothing = bool(todo) and not skipped and len(outcomes[FAILED]) == len(todo)
+    report(outcomes, skipped, args.dst_dir, show_failures=not nothing)
+    if nothing:
+        first = min(outcomes[FAILED])
+        raise UserError(nothing_read(f"SRC_DIR {args.src_dir}", len(todo), first.name, outcomes[FAILED][first][0])
+                        + f"; each is listed in {args.dst_dir / FAILURES_FILE}")
     if stopped:
         print(f"prepare: stopped by {signal.Signals(stopped).name} after {done} of {len(todo)} photos; the "
               f"finished crops are kept: run the same command again to continue", file=sys.stderr)

@@ -12,6 +12,7 @@ import evaluate
 import plot
 import synthetic
 import train
+from advice_kit import foreign_flags
 from data import prepare
 
 
@@ -193,6 +194,7 @@ def test_bad_input_is_one_sentence_exit_2_and_nothing_lost(ws, capsys, script, a
     assert exit_info.value.code == 2, err
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert expected.format(**fill) in err, err
+    assert not foreign_flags(script, err), f"names flags {script.__module__} does not have: {err}"
     assert snapshot(ws["ws"]) == before
     assert not (ws["ws"] / "out").exists()  # prepare.py made no DST_DIR
 

@@ -109,6 +109,31 @@ def make_messidor(root: Path, demo) -> dict:
     return expected
 
 
+def make_messidor_as_downloaded(root: Path, demo, variant: str) -> dict:
+    """Messidor-2 as its two published tables come: Google's (image_id with its extension, adjudicated_dr_grade)
+    beside ADCIS' camera photos in IMAGES/, or the Kaggle copy most users download (id_code, with or without
+    its extension, diagnosis) with its photos as square eye crops in messidor-2/preprocess/, .png and .JPG."""
+    photos, grades = demo
+    header = {"google": "image_id,adjudicated_dr_grade", "kaggle": "id_code,diagnosis"}[variant]
+    lines, expected = [f"{header},adjudicated_dme,adjudicated_gradable"], {}
+    for i in range(30):
+        stem = f"20051020_{43000 + i}_0100_PP" if i % 2 else f"IM00{2000 + i}"
+        ext = (".png", ".JPG")[i % 2] if variant == "kaggle" else (".png", ".JPG", ".jpg")[i % 3]
+        if variant == "kaggle":
+            left = 4 + 3 * (i % 3)  # the eye of demo_photos' frame: the copy's photos are crops of the eye
+            save(photos[i].crop((left, 3, left + EYE, 3 + EYE)), root / "messidor-2" / "preprocess" / f"{stem}{ext}")
+        else:
+            save(photos[i], root / "IMAGES" / f"{stem}{ext}")
+        listed = stem if variant == "kaggle" and i % 3 == 0 else f"{stem}{ext}"  # the copy lists both ways
+        if i in MESSIDOR_UNGRADABLE:
+            lines.append(f"{listed},,,0")
+        else:
+            lines.append(f"{listed},{grades[i]},{i % 2},1")
+            expected[stem] = int(grades[i])
+    write_csv(root / "messidor_data.csv", "\n".join(lines) + "\n")
+    return expected
+
+
 def make_idrid(root: Path, demo) -> dict:
     """B. Disease Grading as unzipped: 1. Original Images/{a. Training Set,b. Testing Set}/IDRiD_NNN.jpg
     and 2. Groundtruths/ with the two label tables, stray spaces in the header, empty trailing columns."""
@@ -193,6 +218,20 @@ def test_messidor2_leaves_out_and_counts_ungradable_photos(tmp_path, demo_photos
     assert data.excluded_counts() == {layouts.NOT_GRADABLE: len(MESSIDOR_UNGRADABLE)}
     assert data.listed["train"].excluded == {layouts.NOT_GRADABLE: 2}
     assert all(Path(p).is_file() for p in data.excluded["path"])  # found, for a gradability check
+
+
+@pytest.mark.parametrize("variant,folder", [("google", "IMAGES"), ("kaggle", "messidor-2/preprocess")])
+def test_messidor2_is_read_in_both_published_variants_as_downloaded(tmp_path, demo_photos, variant, folder, capsys):
+    expected = make_messidor_as_downloaded(tmp_path, demo_photos, variant)
+    data = dataloader.load_fundus_data(tmp_path)
+    assert data.layout == "messidor2" and data.image_dir == tmp_path / folder
+    assert {**graded(data.train), **graded(data.test)} == expected
+    assert data.excluded_counts() == {layouts.NOT_GRADABLE: len(MESSIDOR_UNGRADABLE)}
+    assert all(Path(p).is_file() for p in data.excluded["path"])
+    image, grade = dataloader.FundusDataset(data.train, 32)[0]  # decoded as training decodes it
+    assert image.shape == (3, 32, 32) and grade == data.train.grades[0]
+    dataloader.main(["--data-root", str(tmp_path)])  # the data card of the issue's new user: no refusal
+    assert "messidor2: Messidor-2 (adjudicated grades), layout messidor2" in capsys.readouterr().out
 
 
 def test_idrid_as_unzipped_from_its_parent_or_its_own_folder(tmp_path, demo_photos):
