@@ -332,21 +332,15 @@ def test_specular_dots_counts_white_dots_not_lines_nor_yellow_dots():
 
 
 def test_a_photo_that_may_be_a_fundus_is_judged_on_its_quality_alone():
-    # a photo whose colour edges lie under the fundus limit and whose colour part's P(fundus) lies above its
-    # threshold (here 0.3, under one half) is judged as a fundus, on its quality alone: the score is
-    # P(gradable), whatever those readings; past either one it is no fundus photo, whatever its quality
+    # a photo whose colour edges lie under the fundus limit is judged as a fundus, on its quality alone: the
+    # score is P(gradable), whatever that reading; past the limit it is no fundus photo, whatever its quality
     measures = fundus.assess(drawn("round_on_black")[0]).measures
     model = json.loads(json.dumps(fundus.quality_model()))
     reading = measures[model["fundus"]["measure"]]
-    colours = model["fundus_colour"]
-    logit = float(fundus.model_inputs(colours, measures) @ np.array(colours["coef"]))
-    colours["intercept"] = float(np.log(0.3 / 0.7)) - logit
-    assert fundus.probability(colours, measures) == pytest.approx(0.3)
-    model["fundus"]["limit"], colours["threshold"] = 1.01 * reading, 0.25
+    model["fundus"]["limit"] = 1.01 * reading
     gradable, reason, score = fundus.verdict(measures, model=model)
     assert gradable, reason
     assert score == pytest.approx(fundus.probability(model["gradable"], measures))
-    for limit, threshold in ((0.99 * reading, 0.25), (1.01 * reading, 0.35)):
-        model["fundus"]["limit"], colours["threshold"] = limit, threshold
-        gradable, reason, score = fundus.verdict(measures, model=model)
-        assert not gradable and reason.startswith(fundus.NOT_FUNDUS) and score == 0.0, reason
+    model["fundus"]["limit"] = 0.99 * reading
+    gradable, reason, score = fundus.verdict(measures, model=model)
+    assert not gradable and reason.startswith(fundus.NOT_FUNDUS) and score == 0.0, reason
