@@ -318,6 +318,7 @@ def load_square(path: str, size: int) -> Image.Image:
     side (a raw photo's black margins), then resize. JPEGs decode straight at a reduced scale when the
     file is at least twice the target (`draft`: the DCT does the downscaling, several times faster)."""
     with Image.open(path) as img:
+        fundus.check_whole(path, img)  # a JPEG padded with zeros in place of its end decodes, as no photo
         if img.format == "JPEG":
             img.draft("RGB", (size, size))
         img.load()

@@ -121,10 +121,46 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+# A JPEG ends with its end-of-image marker (FF D9). A copy cut short and padded with zeros to its size (what a
+# broken copy or an interrupted download leaves) ends in a run of zero bytes instead, which the decoder reads
+# as image data without a word: flat blocks below the last real row, which the gradability check graded
+# (quality 0.99 in the hostile trial of issue 31). At least ZERO_TAIL zero bytes at the end, with no end
+# marker before them, is a damaged file. Only the file's tail is read (4 KB, more while it is all zeros).
+ZERO_TAIL = 256
+
+
+def zero_padded(path) -> int:
+    """How many zero bytes end a JPEG file in place of its end-of-image marker (0 where the file ends, or its
+    zeros begin, with the marker: some cameras pad a whole file after it)."""
+    with open(path, "rb") as f:
+        end = pos = f.seek(0, os.SEEK_END)
+        chunk = 4096
+        while pos > 0:
+            n = min(chunk, pos)
+            f.seek(pos - n)
+            kept = len(f.read(n).rstrip(b"\0"))
+            if kept:
+                last = pos - n + kept  # one past the last byte that is not zero
+                f.seek(max(0, last - 2))
+                return 0 if f.read(2) == b"\xff\xd9" else end - last
+            pos, chunk = pos - n, 2 * chunk
+        return end
+
+
+def check_whole(path, img: Image.Image) -> None:
+    """OSError (as the decoder's own errors: the photo is unreadable) for a JPEG padded with zeros in place
+    of its end (see ZERO_TAIL)."""
+    if img.format == "JPEG" and (zeros := zero_padded(path)) >= ZERO_TAIL:
+        raise OSError(f"damaged: its last {zeros} bytes are zeros where a JPEG's image data and end marker "
+                      "belong (a copy cut short and padded); the photo below its last real row is no image")
+
+
 def decode(path: Path, at_least: tuple[int, int] | None = None) -> Image.Image:
     """Decode as RGB. A JPEG with at_least (w, h) decodes at the smallest of the DCT's 1/1, 1/2, 1/4 and 1/8
-    scales that is at least that large (draft mode: the decoder skips the detail, several times faster)."""
+    scales that is at least that large (draft mode: the decoder skips the detail, several times faster).
+    A JPEG padded with zeros in place of its end is an OSError (check_whole)."""
     with Image.open(path) as img:
+        check_whole(path, img)
         if img.format == "JPEG" and at_least is not None:
             img.draft("RGB", at_least)
         img.load()
@@ -145,7 +181,8 @@ def photo_for_crop(path: Path, size: int) -> tuple[Image.Image, Field]:
     the crop is only ever a downsample."""
     with Image.open(path) as img:
         full, is_jpeg = img.size, img.format == "JPEG"
-    scale = min(1.0, DRAFT_SPAN * size / min(full))
+    # never under the smallest photo the gradability check judges (MIN_SIDE), whatever the crop's size
+    scale = min(1.0, max(DRAFT_SPAN * size, MIN_SIDE) / min(full))
     photo = decode(path, tuple(math.ceil(side * scale) for side in full) if is_jpeg else None)
     try:
         field = find_field(photo)
@@ -344,6 +381,12 @@ def is_eye_crop(img: Image.Image, field: Field | None = None) -> bool:
 # figures beside them. The measures are taken on the field's bounding square resampled to QUALITY_SIDE, so a photo
 # at 350, 760 or 1,500 px (or a 12 MP camera file) gives the same numbers.
 QUALITY_SIDE = 256
+# The smallest photo (short side, in px) the check judges: under it the measures are not what they were fitted
+# on, and a gradable photo reads as out of focus. Shrunk to a short side of 16, 32, 48, 64, 96 and 128 px, the
+# 119 gradable photos fitted (DrimDB good, EyePACS with EyeQ good or usable) passed 2, 68, 103, 111, 114 and 117
+# times, and the 586 rahim_pairs photos passed at their own size (never fitted on) 0, 222, 511, 574, 586 and 586
+# times (benchmarks/quality_check.py --rahim, "shrunk"): from 96 px none is lost that 128 px keeps on rahim.
+MIN_SIDE = 96
 QUALITY_MODEL = Path(__file__).with_name("quality_model.json")
 # Inside this share of the radius: the rim of every camera is vignetted, notched or cut by the frame.
 QUALITY_INNER = 0.9
@@ -680,6 +723,9 @@ def assess(img: Image.Image, field: Field | None = None, min_quality: float | No
     field (a frame-filling fundus, or no fundus at all) is judged as a whole (frame_field)."""
     field = judged_field(img) if field is None else field
     measures = quality_measures(img, field)
+    if min(img.size) < MIN_SIDE:
+        return Quality(False, f"too small: {img.width}x{img.height} px; the check judges photos of at least "
+                              f"{MIN_SIDE} px on the short side", field, measures, 0.0)
     gradable, reason, quality = verdict(measures, min_quality)
     return Quality(gradable, reason, field, measures, quality)
 

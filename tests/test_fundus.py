@@ -344,3 +344,42 @@ def test_a_photo_that_may_be_a_fundus_is_judged_on_its_quality_alone():
     model["fundus"]["limit"] = 0.99 * reading
     gradable, reason, score = fundus.verdict(measures, model=model)
     assert not gradable and reason.startswith(fundus.NOT_FUNDUS) and score == 0.0, reason
+
+def test_a_photo_under_the_smallest_side_is_too_small_not_out_of_focus():
+    # issue 31: a 1x1 px photo was refused "out of focus"; it is too small, and the sentence names the smallest
+    # the check judges (fundus.MIN_SIDE); at that side the drawn photo is judged on its quality again
+    photo = jpeg_copy(fundus_photo(w=600, h=400, cx=300, cy=200, r=185, seed=3), 90)
+    for size in ((1, 1), (60, 40), (144, fundus.MIN_SIDE - 1)):
+        q = fundus.assess(photo.resize(size, Image.LANCZOS))
+        assert not q.gradable and q.score == 0.0
+        assert q.reason == (f"too small: {size[0]}x{size[1]} px; the check judges photos of at least "
+                            f"{fundus.MIN_SIDE} px on the short side"), q.reason
+    q = fundus.assess(photo.resize((144, fundus.MIN_SIDE), Image.LANCZOS))
+    assert not q.reason.startswith("too small"), q.reason
+
+
+def test_a_jpeg_padded_with_zeros_is_damaged_and_one_padded_after_its_end_is_whole(tmp_path):
+    # issue 31: the first bytes of a photo, then zeros to its size (a broken copy), decoded and was graded
+    # gradable; it is unreadable, named damaged, wherever a photo is opened (the check, the training loader)
+    import io
+
+    import dataloader
+    buf = io.BytesIO()
+    fundus_photo(w=600, h=400, cx=300, cy=200, r=185, seed=3).save(buf, "JPEG", quality=90)
+    data = buf.getvalue()
+    for keep in (1000, len(data) // 2, len(data) - fundus.ZERO_TAIL):
+        path = tmp_path / f"cut_{keep}.jpeg"
+        path.write_bytes(data[:keep] + bytes(len(data) - keep))
+        assert fundus.zero_padded(path) >= fundus.ZERO_TAIL
+        for load in (lambda: fundus.load_photo(path, 128), lambda: dataloader.load_square(str(path), 128)):
+            with pytest.raises(OSError, match="^damaged: its last .* bytes are zeros"):
+                load()
+    # zeros after the end-of-image marker (a camera padding its file) are no damage, nor is a plain file
+    padded = tmp_path / "padded_after_end.jpeg"
+    padded.write_bytes(data + bytes(8192))
+    plain = tmp_path / "plain.jpeg"
+    plain.write_bytes(data)
+    for path in (padded, plain):
+        assert fundus.zero_padded(path) == 0
+        assert fundus.load_photo(path, 128)[1].gradable
+        assert dataloader.load_square(str(path), 128).size == (128, 128)
