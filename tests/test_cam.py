@@ -71,8 +71,9 @@ def test_grad_cam_peaks_inside_the_patch(tmp_path):
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("cam_run")
-    root = synthetic.generate_demo(out / "demo", n_train=48, n_test=20, size=64, seed=3, quiet=True)
-    train.main(["--data-root", str(root), "--epochs", "1", "--batch-size", "8", "--workers", "0",
+    # photos at 96 px, the smallest the gradability check judges (fundus.MIN_SIDE); the model at 64
+    root = synthetic.generate_demo(out / "demo", n_train=48, n_test=20, size=96, seed=3, quiet=True)
+    train.main(["--data-root", str(root), "--epochs", "1", "--batch-size", "8", "--workers", "0", "--image-size", "64",
                 "--checkpoint-dir", str(out / "ck"), "--log-dir", str(out / "logs"), "--quiet"])
     return out, root, out / "ck" / "resnet18_scratch" / "last.pt"
 
@@ -129,7 +130,7 @@ def test_every_file_gets_a_row_and_cams_are_drawn_for_graded_photos_only(demo_ru
     for n in names:
         (folder / f"{n}.jpeg").write_bytes((root / "images" / f"{n}.jpeg").read_bytes())
     (folder / "broken.jpeg").write_bytes(b"\xff\xd8 not really")
-    Image.new("RGB", (120, 90)).save(folder / "black.png")  # a valid PNG with no eye in it
+    Image.new("RGB", (160, 120)).save(folder / "black.png")  # a valid PNG with no eye in it
     (tmp_path / "notes.txt").write_text("not an image")
     cams, csv = tmp_path / "cams", tmp_path / "grades.csv"
     evaluate.main([str(ckpt), "--images", str(folder), str(tmp_path / "notes.txt"), "--cam", str(cams),

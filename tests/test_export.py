@@ -201,7 +201,7 @@ def test_exported_file_grades_photos_and_other_data_as_the_checkpoint(run, tmp_p
     for model in (ckpt, ckpt.with_suffix(".onnx")):
         csv = tmp_path / f"{model.suffix[1:]}.csv"
         evaluate.main([str(model), "--images", *map(str, photos), "--out", str(csv), "--workers", "0", "--quiet",
-                       "--tta"])  # the 8 flips and quarter turns taken of the uint8 batch for onnxruntime
+                       "--tta", "--force"])  # --force: 32 px photos, too small to judge; --tta: the 8 flips and quarter turns taken of the uint8 batch for onnxruntime
         tables[model.suffix] = pd.read_csv(csv)
     assert (tables[".pt"]["grade"] == tables[".onnx"]["grade"]).all()
     for g in range(5):

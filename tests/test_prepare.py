@@ -321,7 +321,8 @@ def test_a_full_disk_stops_with_the_summary_and_keeps_the_finished_crops(tmp_pat
     assert out.startswith("prepare: ") and " written, 0 skipped" in out, out
     assert "No space left on device in " in err and "run the same command again" in err, err
     assert "Traceback" not in err
-    recorded = set((dst / "prepared.txt").read_text().split())
+    # with 2 workers the fourth photo may fail before any earlier one is finished: then nothing is recorded
+    recorded = set((dst / "prepared.txt").read_text().split()) if (dst / "prepared.txt").exists() else set()
     images = {p.name for p in (dst / "images").iterdir()}
     assert recorded == images and "d_rgba.jpeg" not in images  # nothing half-written, nothing hidden left
     for name in images:

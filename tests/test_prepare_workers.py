@@ -50,7 +50,7 @@ def wait_for(condition, seconds: float) -> bool:
     return condition()
 
 
-def photos(folder: Path, n: int, size=(90, 60)) -> Path:
+def photos(folder: Path, n: int, size=(144, 96)) -> Path:  # 96 px: the smallest the check judges
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
         fundus_photo(seed=i).resize(size).save(folder / f"{i}_left.jpeg")
@@ -249,7 +249,7 @@ def test_labels_that_cannot_be_split_are_refused_before_any_crop(tmp_path, capsy
 
 def test_labels_left_without_two_patients_by_the_quality_check_keep_the_crops(tmp_path, capsys):
     src = photos(tmp_path / "raw", 1)
-    Image.new("RGB", (90, 60)).save(src / "1_left.jpeg")  # too dark: ungradable, known only when assessed
+    Image.new("RGB", (144, 96)).save(src / "1_left.jpeg")  # too dark: ungradable, known only when assessed
     (tmp_path / "t.csv").write_text("image,level\n0_left,1\n1_left,2\n")
     dst = tmp_path / "out"
     err = refused([str(src), str(dst), "--size", "32", "--workers", "1", "--labels", str(tmp_path / "t.csv")],

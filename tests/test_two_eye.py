@@ -116,14 +116,14 @@ def test_images_are_paired_by_name_and_a_lone_eye_is_graded_alone(encoder_run, t
     right, lone = left.with_name(left.name.replace("_left", "_right")), sorted((tiny_demo / "images").glob("*_left.jpeg"))[1]
     table = tmp_path / "grades.csv"
     evaluate.main([str(run_dir / "best.pt"), "--images", str(left), str(right), str(lone), "--out", str(table),
-                   "--workers", "0", "--quiet", "--cam", str(tmp_path / "cams")])
+                   "--workers", "0", "--quiet", "--cam", str(tmp_path / "cams"), "--force"])  # 32 px: too small to judge
     graded = pd.read_csv(table, keep_default_na=False)
     assert graded["partner"].tolist() == [str(right), str(left), ""]
     assert len(list((tmp_path / "cams").glob("*_cam.png"))) == 3
     # the same photos through the split's path: the pair's grades as evaluate.py's split evaluation gives them
     checkpoint = runtime.load_checkpoint(run_dir / "best.pt")
     grader = evaluate.make_grader(checkpoint, "test", torch.device("cpu"))
-    photos = evaluate.PhotoDataset([left, right, lone], 32)  # loaded as --images loads them
+    photos = evaluate.PhotoDataset([left, right, lone], 32, force=True)  # loaded as --images loads them
     images = [photos[i][0] for i in range(3)]
     eyes, mates = torch.stack(images), torch.stack([images[1], images[0], images[2]])
     expected = grader((eyes, mates, torch.tensor([1.0, 1.0, 0.0])))
