@@ -9,7 +9,8 @@ trainLabels.csv (image,level) and eyeq_quality.csv (image,quality: EyeQ, Fu et a
 of any fundus photo; outliers are not read) and the gradable part (a logistic regression, DrimDB good and EyeQ
 good or usable against DrimDB bad and EyeQ reject). Printed: refusal rates out of fold (5 folds, grouped by
 patient, everything chosen on the training folds only), cross-set (fitted on one set, measured on the other),
-the ROC AUC of the score, the refusal rate by DR grade on all EyePACS photos, and milliseconds per photo.
+the ROC AUC of the score, the refusal rate by DR grade on all EyePACS photos, milliseconds per photo, and
+how many gradable photos the check still passes shrunk to a short side of 16 to 128 px (fundus.MIN_SIDE).
 RAHIM_DIR (the Kaggle layout: train/, trainLabels.csv) is measured only, by the model fitted on every DrimDB and
 EyePACS photo: refusals, by DR grade, and those called not a fundus photo. --write fits on everything and
 writes the model with this provenance. Deterministic: lbfgs from zeros, fixed folds.
@@ -204,6 +205,32 @@ def unseen_figures(model: dict, rows: pd.DataFrame) -> dict:
     return out
 
 
+# The short sides (px) the gradable photos are shrunk to for fundus.MIN_SIDE, the smallest photo the check judges.
+SMALL_SIDES = (16, 32, 48, 64, 96, 128)
+
+
+def small_sides(model: dict, rows: pd.DataFrame) -> dict:
+    """How many of `rows` (photos the check passes at their own size) it still passes, by the fitted verdict
+    alone (fundus.assess refuses anything under fundus.MIN_SIDE as too small before it), shrunk to each of
+    SMALL_SIDES on the short side (Lanczos, as a camera's small export is), and why the others failed."""
+    passed = {side: 0 for side in SMALL_SIDES}
+    reasons = {side: {} for side in SMALL_SIDES}
+    for path in rows["path"]:
+        with Image.open(path) as img:
+            img.load()
+            photo = fundus.to_rgb(img)
+        for side in SMALL_SIDES:
+            k = side / min(photo.size)
+            small = photo.resize((max(1, round(photo.width * k)), max(1, round(photo.height * k))), Image.LANCZOS)
+            ok, reason, _ = fundus.verdict(fundus.quality_measures(small, fundus.judged_field(small)), model=model)
+            passed[side] += ok
+            if not ok:
+                key = reason.split(":")[0]
+                reasons[side][key] = reasons[side].get(key, 0) + 1
+    return {f"{side} px": f"{passed[side]} of {len(rows)}" + (f" {reasons[side]}" if reasons[side] else "")
+            for side in SMALL_SIDES}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--drimdb", type=Path, required=True, help="DrimDB folder with Good/, Bad/, Outlier/")
@@ -269,8 +296,16 @@ def main(argv=None) -> int:
               "ms_per_photo_median": round(float(table["ms"].median()), 2),
               "ms_per_photo_p95": round(float(table["ms"].quantile(0.95)), 2)}
     model = fit(table)
+    unseen = every[every["set"] == UNSEEN]
     if args.rahim is not None:
-        result["fit_all_measured_rahim"] = unseen_figures(model, every[every["set"] == UNSEEN])
+        result["fit_all_measured_rahim"] = unseen_figures(model, unseen)
+    # the gradable photos, shrunk: fitted on (DrimDB good, EyeQ good or usable), and those of --rahim the
+    # check passes at their own size (never fitted on)
+    gradable = table[table["label"].isin(["good", "usable"])]
+    result["gradable photos shrunk, passed"] = small_sides(model, gradable)
+    if len(unseen):
+        result["rahim photos passed at their size, shrunk, passed"] = small_sides(
+            model, unseen[~verdicts(model, unseen)["refused"]])
     print(json.dumps(result, indent=1))
     if args.json:
         with atomic_write(args.json, "w") as f:

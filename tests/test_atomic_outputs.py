@@ -439,9 +439,10 @@ def quality_figures(ws, tmp_path, monkeypatch):
     for name in ("trainLabels.csv", "eyeq_quality.csv"):
         (tmp_path / "eyepacs" / name).write_text("image,level\n")
     # the fit is tested in test_quality_check.py; here only what main writes
-    monkeypatch.setattr(quality_check, "photos", lambda drimdb, eyepacs: None)
-    monkeypatch.setattr(quality_check, "measures_table", lambda table, cache: pd.DataFrame({"ms": [1.0, 2.0]}))
-    for step in ("out_of_fold", "cross_set"):
+    monkeypatch.setattr(quality_check, "photos", lambda drimdb, eyepacs, unseen: None)
+    monkeypatch.setattr(quality_check, "measures_table", lambda table, cache: pd.DataFrame(
+        {"ms": [1.0, 2.0], "set": ["drimdb", "eyepacs"], "label": ["good", "good"]}))
+    for step in ("out_of_fold", "cross_set", "fit", "small_sides"):
         monkeypatch.setattr(quality_check, step, lambda *args: None)
     monkeypatch.setattr(quality_check, "figures", lambda *args: {"accuracy": 1.0})
     args = ["--drimdb", str(tmp_path / "drimdb"), "--eyepacs", str(tmp_path / "eyepacs"),
