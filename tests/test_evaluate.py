@@ -1,6 +1,5 @@
 """evaluate.py against scikit-learn and against what train.py logged; unsafe checkpoints refused."""
 import json
-import pickle
 
 import numpy as np
 import pandas as pd

@@ -5,7 +5,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 from sklearn.datasets import load_sample_images
