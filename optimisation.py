@@ -28,10 +28,13 @@ class Diverged(RunFailed):
     """The loss became NaN or infinite."""
 
 
-def build_optimizer(name: str, model: nn.Module, lr: float, momentum: float, weight_decay: float):
-    """--optimizer sgd (the lab's: momentum, L2 weight decay) or adamw (decoupled weight decay)."""
+def build_optimizer(name: str, model: nn.Module, lr: float, momentum: float, weight_decay: float,
+                    nesterov: bool = False):
+    """--optimizer sgd (the lab's: momentum, L2 weight decay; --nesterov: Nesterov's momentum, as Huang et al.
+    2023 train) or adamw (decoupled weight decay)."""
     if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
+                               nesterov=nesterov)
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
 
 

@@ -108,6 +108,7 @@ def build_parser() -> Parser:
     g.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--nesterov", action="store_true", help="SGD with Nesterov's momentum (Huang et al. 2023)")
     g.add_argument("--weight-decay", type=float, default=5e-4)
     g.add_argument("--schedule", default="cosine", choices=["cosine", "constant"], help="after the warm-up")
     g.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up from lr/100")
@@ -179,8 +180,18 @@ def check_args(args: argparse.Namespace) -> None:
     for ok, message in rules:
         if not ok:
             raise UserError(message)
+    check_nesterov(args)
     if args.run_name is not None:
         check_run_name(args.run_name)
+
+
+def check_nesterov(args: argparse.Namespace) -> None:
+    """--nesterov is SGD's (checked again once a two-eye run has taken its default optimizer, adamw)."""
+    if args.nesterov and args.optimizer != "sgd":
+        raise UserError(f"--nesterov is a kind of SGD momentum; it cannot go with --optimizer {args.optimizer}"
+                        + (" (the two-eye stage's default; add --optimizer sgd)" if args.two_eye else ""))
+    if args.nesterov and args.momentum <= 0:
+        raise UserError("--nesterov needs a momentum: --momentum 0 leaves none")
 
 
 def resolve_args(argv: list[str]) -> tuple[argparse.Namespace, dict | None]:
@@ -192,6 +203,7 @@ def resolve_args(argv: list[str]) -> tuple[argparse.Namespace, dict | None]:
     check_args(args)
     if args.two_eye and args.resume in (None, "auto"):
         args = with_encoder(args, explicit_flags(parser, argv), parser)
+        check_nesterov(args)
     started_from = weights_origin(args.weights) if args.weights and Path(args.weights).exists() else None
     kind = "finetuned" if started_from else "pretrained" if is_pretrained(vars(args)) else "scratch"
     objective = "" if args.loss == "ce" else f"_{args.loss}"  # the lab's run keeps the lab's name
@@ -471,7 +483,8 @@ def build_training(args, fundus: dataloader.FundusData, env: Dist, device: torch
     if args.compile:
         model = torch.compile(model) if env.active else eval_model
     loaders = build_loaders(args, fundus, env, device)
-    optimizer = optimisation.build_optimizer(args.optimizer, raw_model, args.lr, args.momentum, args.weight_decay)
+    optimizer = optimisation.build_optimizer(args.optimizer, raw_model, args.lr, args.momentum, args.weight_decay,
+                                           args.nesterov)
     steps_per_epoch = math.ceil(len(loaders["train"]) / args.grad_accum_steps)
     return Training(
         raw_model, model, eval_model, loaders, optimizer,
@@ -808,7 +821,8 @@ def run_two_eye(args, resumed: dict | None, env: Dist, device: torch.device, sto
     head = twoeye.build_head(encoder.cpu(), features["train"][torch.isfinite(features["train"]).all(1)])
     criterion = optimisation.build_criterion(fundus.train.grades, args.class_weighted, args.label_smoothing, CPU,
                                              objective)
-    optimizer = optimisation.build_optimizer(args.optimizer, head, args.lr, args.momentum, args.weight_decay)
+    optimizer = optimisation.build_optimizer(args.optimizer, head, args.lr, args.momentum, args.weight_decay,
+                                           args.nesterov)
     scheduler = optimisation.build_scheduler(optimizer, args.schedule, args.warmup_epochs, args.epochs,
                                              math.ceil(len(fundus.train) / args.batch_size))
     scaler = torch.amp.GradScaler("cpu", enabled=False)  # the head trains in fp32: the checkpoint keeps the format

@@ -71,6 +71,8 @@ CASES = [
     (T, "{T} --lr nan", "--lr must be a finite number, not nan"),
     (T, "{T} --warmup-epochs inf", "--warmup-epochs must be a finite number, not inf"),
     (T, "{T} --momentum -1", "--momentum must not be negative"),
+    (T, "{T} --nesterov --optimizer adamw", "--nesterov is a kind of SGD momentum; it cannot go with --optimizer adamw"),
+    (T, "{T} --nesterov --momentum 0", "--nesterov needs a momentum: --momentum 0 leaves none"),
     (T, "{T} --label-smoothing 1.5", "--label-smoothing must lie in [0, 1)"),
     (T, "{T} --val-fraction 1", "--val-fraction must lie in [0, 1)"),
     (T, "{T} --test-fraction 0", "--test-fraction 0 would hold out no patient, leaving no test split"),

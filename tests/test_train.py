@@ -280,12 +280,17 @@ def unflagged_weights(tiny_demo, tmp_path_factory):
 
 
 @pytest.mark.parametrize("flags", [["--class-weighted"], ["--label-smoothing", "0.3"], ["--sampler", "balanced"],
-                                   ["--optimizer", "adamw"], ["--no-augment"], ["--zero-init-residual"]])
+                                   ["--optimizer", "adamw"], ["--no-augment"], ["--zero-init-residual"],
+                                   ["--nesterov"]])
 def test_each_training_flag_changes_the_trained_weights(tiny_demo, tmp_path, flags, unflagged_weights):
     # the flag gives other weights than the same run without it: a flag that train.py ignored would not
     flagged = final_weights(tiny_demo, tmp_path, *flags)
     base = unflagged_weights
     assert not all(torch.equal(base[k], flagged[k]) for k in base if base[k].is_floating_point())
+    if flags == ["--nesterov"]:  # and it is torch's own Nesterov SGD that stepped, recorded for a resume
+        state = torch.load(tmp_path / "checkpoints" / "r" / "last.pt", weights_only=True)
+        assert [g["nesterov"] for g in state["optimizer"]["param_groups"]] == [True]
+        assert state["config"]["nesterov"] is True
 
 
 def test_balanced_sampler_is_what_the_run_draws_from(tiny_demo):
