@@ -14,6 +14,7 @@ from unittest import mock
 import pytest
 import torch
 import torchvision
+from warm_runner import WarmRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -220,11 +221,24 @@ def demo_folder(tmp_path_factory):
     return folder
 
 
-def test_the_commands_run_as_written_on_the_demo_set(demo_folder):
+def reader_env(demo_folder) -> dict:
+    return {**os.environ, "TORCH_HOME": str(demo_folder / "torch"), "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture(scope="module")
+def runner(demo_folder):
+    """Each command a process of its own, as typed, without importing torch for each (tests/warm_runner.py)."""
+    warm = WarmRunner(reader_env(demo_folder))
+    yield warm
+    warm.close()
+
+
+def test_the_commands_run_as_written_on_the_demo_set(demo_folder, runner):
     """Every line of every block not marked 'not run', in the order a reader meets them (README, then docs/),
     run as typed in one folder, so that evaluate.py finds the checkpoint train.py wrote."""
-    env = {**os.environ, "TORCH_HOME": str(demo_folder / "torch"), "PYTHONPATH": str(ROOT)}
+    env = reader_env(demo_folder)
     ran = []
+    out, err = demo_folder / "command.out", demo_folder / "command.err"
     pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
     for page in pages:
         for marker, language, body in blocks(page):
@@ -233,19 +247,25 @@ def test_the_commands_run_as_written_on_the_demo_set(demo_folder):
             for line in filter(str.strip, body.splitlines()):
                 words = shlex.split(line, comments=True)
                 assert words[0] == "python" and words[1] in SCRIPTS, f"{page.name}: `{line}` is no command to run"
-                result = subprocess.run([sys.executable, str(ROOT / words[1]), *words[2:]], cwd=demo_folder, env=env,
-                                        capture_output=True, text=True, timeout=300)
-                assert result.returncode == 0, f"{page.name}: `{line}` exited {result.returncode}:\n" \
-                                               f"{result.stderr[-3000:]}"
+                rc = runner.run(ROOT / words[1], words[2:], demo_folder, env, out, err, timeout=300)
+                assert rc == 0, f"{page.name}: `{line}` exited {rc}:\n{err.read_text()[-3000:]}"
                 ran.append(line)
     assert len(ran) >= 8, ran
     assert (demo_folder / "figures" / "comparison_resnet50.png").is_file()  # the README's lab runs, as written
 
 
-def test_a_command_that_fails_fails_the_test(demo_folder):
+def test_a_command_that_fails_fails_the_test(demo_folder, runner):
+    # and the warm runner the commands run through answers as the interpreter does: the same status and words
+    env = reader_env(demo_folder)
     result = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "checkpoints/none/best.pt"], cwd=demo_folder,
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 2
+    out, err = demo_folder / "failing.out", demo_folder / "failing.err"
+    assert runner.run(ROOT / "evaluate.py", ["checkpoints/none/best.pt"], demo_folder, env, out, err) == 2
+    assert err.read_text() == result.stderr and out.read_text() == result.stdout
+    assert runner.run(ROOT / "plot.py", ["--no-such-flag"], demo_folder, env, out, err) == 2
+    assert runner.run(ROOT / "models.py", ["--help"], demo_folder, env, out, err) == 0
+    assert out.read_text().startswith("usage: models.py")
 
 
 def test_make_is_in_no_block_the_test_would_run():
