@@ -722,10 +722,10 @@ def assess(img: Image.Image, field: Field | None = None, min_quality: float | No
     not why: too dark, overexposed, not a fundus photo, low contrast, out of focus. A photo with no camera
     field (a frame-filling fundus, or no fundus at all) is judged as a whole (frame_field)."""
     field = judged_field(img) if field is None else field
-    measures = quality_measures(img, field)
-    if min(img.size) < MIN_SIDE:
+    if min(img.size) < MIN_SIDE:  # before any measure: a sliver of a few pixels has no patches to measure
         return Quality(False, f"too small: {img.width}x{img.height} px; the check judges photos of at least "
-                              f"{MIN_SIDE} px on the short side", field, measures, 0.0)
+                              f"{MIN_SIDE} px on the short side", field, {}, 0.0)
+    measures = quality_measures(img, field)
     gradable, reason, quality = verdict(measures, min_quality)
     return Quality(gradable, reason, field, measures, quality)
 

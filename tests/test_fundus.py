@@ -345,11 +345,13 @@ def test_a_photo_that_may_be_a_fundus_is_judged_on_its_quality_alone():
     gradable, reason, score = fundus.verdict(measures, model=model)
     assert not gradable and reason.startswith(fundus.NOT_FUNDUS) and score == 0.0, reason
 
+
 def test_a_photo_under_the_smallest_side_is_too_small_not_out_of_focus():
     # issue 31: a 1x1 px photo was refused "out of focus"; it is too small, and the sentence names the smallest
     # the check judges (fundus.MIN_SIDE); at that side the drawn photo is judged on its quality again
     photo = jpeg_copy(fundus_photo(w=600, h=400, cx=300, cy=200, r=185, seed=3), 90)
-    for size in ((1, 1), (60, 40), (144, fundus.MIN_SIDE - 1)):
+    # (10, 4000): a sliver whose measures had no patches to read (an IndexError in numpy, a dead loader worker)
+    for size in ((1, 1), (60, 40), (144, fundus.MIN_SIDE - 1), (10, 4000)):
         q = fundus.assess(photo.resize(size, Image.LANCZOS))
         assert not q.gradable and q.score == 0.0
         assert q.reason == (f"too small: {size[0]}x{size[1]} px; the check judges photos of at least "
