@@ -180,13 +180,13 @@ def check_args(args: argparse.Namespace) -> None:
     for ok, message in rules:
         if not ok:
             raise UserError(message)
-    check_nesterov(args)
     if args.run_name is not None:
         check_run_name(args.run_name)
 
 
 def check_nesterov(args: argparse.Namespace) -> None:
-    """--nesterov is SGD's (checked again once a two-eye run has taken its default optimizer, adamw)."""
+    """--nesterov is SGD's (checked once a two-eye run has taken its encoder's flags and its default optimizer,
+    adamw)."""
     if args.nesterov and args.optimizer != "sgd":
         raise UserError(f"--nesterov is a kind of SGD momentum; it cannot go with --optimizer {args.optimizer}"
                         + (" (the two-eye stage's default; add --optimizer sgd)" if args.two_eye else ""))
@@ -203,7 +203,7 @@ def resolve_args(argv: list[str]) -> tuple[argparse.Namespace, dict | None]:
     check_args(args)
     if args.two_eye and args.resume in (None, "auto"):
         args = with_encoder(args, explicit_flags(parser, argv), parser)
-        check_nesterov(args)
+    check_nesterov(args)
     started_from = weights_origin(args.weights) if args.weights and Path(args.weights).exists() else None
     kind = "finetuned" if started_from else "pretrained" if is_pretrained(vars(args)) else "scratch"
     objective = "" if args.loss == "ce" else f"_{args.loss}"  # the lab's run keeps the lab's name
